@@ -1,0 +1,1 @@
+"""Data: reading user files, corpora, batching."""

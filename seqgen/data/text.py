@@ -1,0 +1,80 @@
+"""Reading user text files with errors a user can act on, and language-model corpora.
+
+Every reader checks the things that go wrong in practice (missing file, a directory, no permission,
+invalid UTF-8, empty file) and raises `SeqgenError` naming the file and, where it applies, the line.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from seqgen.errors import SeqgenError
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """Return the raw content of `path`, or raise SeqgenError saying why it cannot be read."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise SeqgenError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise SeqgenError(f"{path}: is a directory, expected a text file")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except PermissionError:
+        raise SeqgenError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise SeqgenError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def decode_utf8(data: bytes, path: str) -> str:
+    """Decode UTF-8 (a leading BOM is dropped); on failure name the line and column of the bad byte."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise SeqgenError(f"{path}:{line}:{col}: invalid UTF-8 (byte 0x{data[e.start]:02x}); "
+                          f"convert the file to UTF-8") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def read_text(path: str | os.PathLike, *, allow_empty: bool = False) -> str:
+    """Return the whole file as a str with '\\n' line ends (CRLF and CR are normalised)."""
+    path = os.fspath(path)
+    text = decode_utf8(read_bytes(path), path).replace("\r\n", "\n").replace("\r", "\n")
+    if not allow_empty and not text.strip():
+        raise SeqgenError(f"{path}: file is empty")
+    return text
+
+
+def read_lines(path: str | os.PathLike, *, allow_empty: bool = False) -> list[str]:
+    """Return the lines of a text file without line ends (a final newline does not add an empty line)."""
+    text = read_text(path, allow_empty=allow_empty)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+@dataclass
+class LMSplit:
+    """A language-model corpus split into train/validation id streams.
+
+    train: [N_train] token ids;  valid: [N_valid] token ids (may be empty when valid_fraction is 0).
+    """
+
+    train: Tensor
+    valid: Tensor
+
+
+def split_stream(ids: list[int], valid_fraction: float) -> LMSplit:
+    """First (1 - valid_fraction) of the stream for training, the rest for validation (nanoGPT's split)."""
+    if not 0.0 <= valid_fraction < 1.0:
+        raise SeqgenError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
+    data = torch.tensor(ids, dtype=torch.long)
+    n_train = int(round(len(data) * (1.0 - valid_fraction)))
+    return LMSplit(train=data[:n_train], valid=data[n_train:])

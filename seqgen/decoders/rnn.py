@@ -1,0 +1,139 @@
+"""RNNDecoder: the one decoder every task shares (language model, translation, captioning)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqgen.decoders.attention import Attention
+from seqgen.decoders.state import DecoderState
+from seqgen.encoders.base import EncoderOutput
+
+
+@dataclass
+class DecoderConfig:
+    cell: Literal["lstm", "gru"] = "lstm"
+    emb: int = 256
+    hidden: int = 512
+    layers: int = 1
+    attention: Literal["none", "bahdanau", "luong_dot", "luong_general"] = "none"
+    # True = the previous attentional vector is fed into the next RNN input (Luong); this forces a Python
+    # loop over time steps in training, so it is off by default (see docs/performance.md).
+    input_feeding: bool = False
+    tie_embeddings: bool = True   # output layer shares the embedding matrix (the pre-output is projected to `emb`)
+    dropout: float = 0.3
+    bridge: bool = True           # initial hidden state = tanh(W * encoder state); False = zeros
+
+
+class RNNDecoder(nn.Module):
+    """Embedding -> LSTM/GRU -> optional attention over encoder memory -> (tied) output layer.
+
+    vocab_size: V.  enc_state_size: H_enc of `EncoderOutput.state` (None when there is no encoder or no bridge).
+    memory_size: H_mem of `EncoderOutput.memory` (needed when attention is on).
+    """
+
+    def __init__(self, cfg: DecoderConfig, vocab_size: int, *, pad_id: int = 0,
+                 enc_state_size: int | None = None, memory_size: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.has_attention = cfg.attention != "none"
+        if self.has_attention and not memory_size:
+            raise ValueError(f"attention={cfg.attention!r} needs an encoder with memory")
+        self.out_size = cfg.emb if cfg.tie_embeddings else cfg.hidden
+        feed_size = self.out_size if cfg.input_feeding and self.has_attention else 0
+
+        self.embed = nn.Embedding(vocab_size, cfg.emb, padding_idx=pad_id)
+        rnn_cls = nn.LSTM if cfg.cell == "lstm" else nn.GRU
+        self.rnn = rnn_cls(cfg.emb + feed_size, cfg.hidden, cfg.layers, batch_first=True,
+                           dropout=cfg.dropout if cfg.layers > 1 else 0.0)
+        self.bridge = (nn.Linear(enc_state_size, cfg.layers * cfg.hidden)
+                       if cfg.bridge and enc_state_size else None)
+        self.attention = (Attention(cfg.attention, cfg.hidden, memory_size)
+                          if self.has_attention else None)
+        pre_in = cfg.hidden + (memory_size if self.has_attention else 0)
+        # Attention needs the combine layer (Luong's W_c); without it, project only when sizes differ.
+        self.pre_output = (nn.Linear(pre_in, self.out_size)
+                           if self.has_attention or pre_in != self.out_size else None)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.output = nn.Linear(self.out_size, vocab_size)
+        if cfg.tie_embeddings:
+            self.output.weight = self.embed.weight
+
+    # -- state ---------------------------------------------------------------------------------------
+    def prepare(self, enc: EncoderOutput | None) -> EncoderOutput | None:
+        """Return `enc` with attention keys precomputed, so stepping does not redo them every token."""
+        if enc is None or self.attention is None or enc.keys is not None:
+            return enc
+        return dataclasses.replace(enc, keys=self.attention.keys(enc.memory))
+
+    def init_state(self, enc: EncoderOutput | None, batch_size: int) -> DecoderState:
+        """Initial state for `batch_size` sequences: bridged from `enc.state` [B, H_enc], else zeros."""
+        p = self.embed.weight
+        L, H = self.cfg.layers, self.cfg.hidden
+        if self.bridge is not None and enc is not None and enc.state is not None:
+            h = torch.tanh(self.bridge(enc.state)).view(-1, L, H)
+        else:
+            h = p.new_zeros(batch_size, L, H)
+        c = h if self.cfg.cell == "lstm" else None
+        feed = (p.new_zeros(batch_size, self.out_size)
+                if self.cfg.input_feeding and self.has_attention else None)
+        return DecoderState(h=h, c=c, feed=feed)
+
+    # -- running -------------------------------------------------------------------------------------
+    def _rnn(self, x: Tensor, state: DecoderState) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x [B, T, I] -> outputs [B, T, H], h [B, L, H], c [B, L, H] | None."""
+        h0 = state.h.transpose(0, 1).contiguous()
+        if self.cfg.cell == "lstm":
+            out, (h, c) = self.rnn(x, (h0, state.c.transpose(0, 1).contiguous()))
+            return out, h.transpose(0, 1), c.transpose(0, 1)
+        out, h = self.rnn(x, h0)
+        return out, h.transpose(0, 1), None
+
+    def _pre_output(self, out: Tensor, enc: EncoderOutput | None) -> tuple[Tensor, Tensor | None]:
+        """RNN outputs [B, T, H] -> attentional vectors [B, T, O] and attention weights [B, T, S] | None."""
+        if self.attention is None:
+            return (out if self.pre_output is None else self.pre_output(out)), None
+        ctx, weights = self.attention(out, enc.memory, enc.mask, enc.keys)
+        return torch.tanh(self.pre_output(torch.cat([out, ctx], dim=-1))), weights
+
+    def forward(self, tokens: Tensor, state: DecoderState,
+                enc: EncoderOutput | None = None) -> tuple[Tensor, DecoderState]:
+        """Teacher forcing over a whole sequence.
+
+        tokens: [B, T] input ids (bos first).  Returns logits [B, T, V] and the state after the last token
+        (its `attn` holds the last step's attention weights [B, S]).
+        """
+        x = self.dropout(self.embed(tokens))
+        if self.attention is not None and enc is not None and enc.keys is None:
+            enc = self.prepare(enc)
+        if state.feed is None:
+            # The whole target sequence goes through the RNN in one call: no Python loop per time step.
+            out, h, c = self._rnn(x, state)
+            o, weights = self._pre_output(out, enc)
+            feed, last_attn = None, (weights[:, -1] if weights is not None else None)
+        else:
+            h, c, feed = state.h, state.c, state.feed
+            outs, last_attn = [], None
+            for t in range(x.size(1)):
+                step_in = torch.cat([x[:, t:t + 1], feed.unsqueeze(1)], dim=-1)
+                out, h, c = self._rnn(step_in, DecoderState(h=h, c=c))
+                o_t, w = self._pre_output(out, enc)
+                feed, last_attn = o_t[:, 0], w[:, 0]
+                outs.append(o_t)
+            o = torch.cat(outs, dim=1)
+        logits = self.output(self.dropout(o))
+        return logits, DecoderState(h=h, c=c, feed=feed, attn=last_attn)
+
+    def step(self, tokens: Tensor, state: DecoderState,
+             enc: EncoderOutput | None = None) -> tuple[Tensor, DecoderState]:
+        """Advance every sequence in the batch by one token.
+
+        tokens: [B] previous token ids.  Returns log-probabilities [B, V] and the new state.
+        """
+        logits, state = self.forward(tokens.unsqueeze(1), state, enc)
+        return F.log_softmax(logits[:, 0].float(), dim=-1), state

@@ -1,0 +1,84 @@
+"""RNNDecoder: shapes, masks, and forward over a sequence == repeated step."""
+import pytest
+import torch
+
+from seqgen.decoders import DecoderConfig, RNNDecoder
+from seqgen.encoders import EncoderOutput
+
+V, B, T, S, HE = 23, 3, 7, 5, 12
+
+
+def make_enc(batch=B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    memory = torch.randn(batch, S, HE, generator=g)
+    mask = torch.ones(batch, S, dtype=torch.bool)
+    mask[0, 3:] = False
+    return EncoderOutput(state=torch.randn(batch, HE, generator=g), memory=memory, mask=mask)
+
+
+CONFIGS = [
+    dict(cell="lstm", attention="none"),
+    dict(cell="gru", attention="none", layers=2),
+    dict(cell="lstm", attention="bahdanau"),
+    dict(cell="gru", attention="luong_general", layers=2),
+    dict(cell="lstm", attention="luong_general", input_feeding=True),
+    dict(cell="gru", attention="bahdanau", input_feeding=True, tie_embeddings=False),
+    dict(cell="lstm", attention="luong_dot", hidden=HE, emb=8),
+]
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_forward_equals_repeated_step(kw):
+    torch.manual_seed(0)
+    cfg = DecoderConfig(**{"emb": 16, "hidden": 20, "dropout": 0.1, **kw})
+    dec = RNNDecoder(cfg, V, enc_state_size=HE, memory_size=HE).eval()
+    enc = make_enc() if cfg.attention != "none" else EncoderOutput(state=torch.randn(B, HE))
+    tokens = torch.randint(0, V, (B, T))
+    logits, final = dec(tokens, dec.init_state(enc, B), enc)
+    assert logits.shape == (B, T, V)
+    state, enc_p = dec.init_state(enc, B), dec.prepare(enc)
+    for t in range(T):
+        lp, state = dec.step(tokens[:, t], state, enc_p)
+        assert lp.shape == (B, V)
+        torch.testing.assert_close(lp, torch.log_softmax(logits[:, t], -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state.h, final.h, atol=1e-5, rtol=1e-5)
+    if cfg.attention != "none":
+        assert state.attn.shape == (B, S)
+        # padding positions get no attention, and weights sum to one
+        assert torch.all(state.attn[0, 3:] == 0)
+        torch.testing.assert_close(state.attn.sum(-1), torch.ones(B))
+
+
+@pytest.mark.parametrize("kind", ["bahdanau", "luong_general"])
+def test_padding_content_never_changes_outputs(kind):
+    torch.manual_seed(0)
+    dec = RNNDecoder(DecoderConfig(emb=16, hidden=20, attention=kind), V,
+                     enc_state_size=HE, memory_size=HE).eval()
+    enc = make_enc()
+    tokens = torch.randint(0, V, (B, T))
+    ref, _ = dec(tokens, dec.init_state(enc, B), enc)
+    noisy = EncoderOutput(state=enc.state, memory=enc.memory.clone(), mask=enc.mask)
+    noisy.memory[0, 3:] = 1e3 * torch.randn(S - 3, HE)
+    out, _ = dec(tokens, dec.init_state(noisy, B), noisy)
+    torch.testing.assert_close(out, ref)
+
+
+def test_language_model_without_encoder_and_tied_weights():
+    dec = RNNDecoder(DecoderConfig(emb=16, hidden=32, layers=2), V)
+    assert dec.output.weight is dec.embed.weight
+    state = dec.init_state(None, 4)
+    assert state.h.shape == (4, 2, 32) and state.c.shape == (4, 2, 32)
+    logits, state = dec(torch.randint(0, V, (4, 6)), state)
+    assert logits.shape == (4, 6, V) and state.attn is None
+
+
+def test_bridge_uses_encoder_state():
+    dec = RNNDecoder(DecoderConfig(emb=8, hidden=10, cell="gru"), V, enc_state_size=HE)
+    a = dec.init_state(EncoderOutput(state=torch.randn(2, HE)), 2).h
+    b = dec.init_state(EncoderOutput(state=torch.randn(2, HE)), 2).h
+    assert a.shape == (2, 1, 10) and not torch.allclose(a, b)
+
+
+def test_luong_dot_size_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="luong_dot"):
+        RNNDecoder(DecoderConfig(hidden=20, attention="luong_dot"), V, memory_size=HE)
