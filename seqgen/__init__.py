@@ -1,1 +1,17 @@
-"""seqgen: sequence generation from any input with one RNN decoder and shared search."""
+"""seqgen: sequence generation from any input with one RNN decoder and shared search.
+
+    from seqgen import load_model
+    model = load_model("runs/de-en/best.pt")
+    model.translate(["Ein Hund läuft im Schnee."], beam=5)
+"""
+from seqgen.errors import SeqgenError
+
+__all__ = ["SeqgenError", "load_model", "Seq2Seq", "ModelConfig", "GenerationConfig"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import seqgen` stays cheap (the CLI imports torch only for commands that need it).
+    if name in ("load_model", "Seq2Seq", "ModelConfig", "GenerationConfig"):
+        from seqgen import model
+        return getattr(model, name)
+    raise AttributeError(f"module 'seqgen' has no attribute {name!r}")

@@ -43,9 +43,10 @@ def decode_utf8(data: bytes, path: str) -> str:
 
 
 def read_text(path: str | os.PathLike, *, allow_empty: bool = False) -> str:
-    """Return the whole file as a str with '\\n' line ends (CRLF and CR are normalised)."""
+    """Return the whole file as a str with '\\n' line ends (CRLF is normalised; a lone CR is kept
+    because splitting on it would silently misalign parallel files)."""
     path = os.fspath(path)
-    text = decode_utf8(read_bytes(path), path).replace("\r\n", "\n").replace("\r", "\n")
+    text = decode_utf8(read_bytes(path), path).replace("\r\n", "\n")
     if not allow_empty and not text.strip():
         raise SeqgenError(f"{path}: file is empty")
     return text
@@ -78,3 +79,53 @@ def split_stream(ids: list[int], valid_fraction: float) -> LMSplit:
     data = torch.tensor(ids, dtype=torch.long)
     n_train = int(round(len(data) * (1.0 - valid_fraction)))
     return LMSplit(train=data[:n_train], valid=data[n_train:])
+
+
+class LMBatches:
+    """Training windows over a token stream for a language model; a `BatchSource` for the Trainer.
+
+    Each epoch cuts the stream into windows of `seq_len` tokens starting at a random offset, shuffles
+    them, and serves `batch_size` windows per batch as targets `[bos, x_i, ..., x_{i+seq_len-1}]`.
+    Everything derives from (seed, epoch), so a run resumed at (epoch, batch) sees the same batches.
+    """
+
+    def __init__(self, ids: Tensor, *, seq_len: int, batch_size: int, bos: int, seed: int = 0):
+        if len(ids) < seq_len + 1:
+            raise SeqgenError(f"the training text has {len(ids)} tokens, fewer than --seq-len {seq_len} + 1; "
+                              f"use a longer text or a smaller --seq-len")
+        self.ids, self.seq_len, self.batch_size, self.bos, self.seed = ids, seq_len, batch_size, bos, seed
+
+    def _starts(self, epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        offset = int(torch.randint(0, self.seq_len, (1,), generator=g))
+        n = (len(self.ids) - offset) // self.seq_len
+        if n < 1:
+            offset, n = 0, 1
+        starts = offset + torch.arange(n) * self.seq_len
+        return starts[torch.randperm(n, generator=g)]
+
+    def num_batches(self, epoch: int) -> int:
+        return -(-len(self._starts(epoch)) // self.batch_size)
+
+    def iter_batches(self, epoch: int, start: int = 0):
+        from seqgen.data.batch import Batch
+
+        starts = self._starts(epoch)
+        cols = torch.arange(self.seq_len)
+        for b in range(start, self.num_batches(epoch)):
+            s = starts[b * self.batch_size:(b + 1) * self.batch_size]
+            windows = self.ids[s.unsqueeze(1) + cols]                      # [B, seq_len]
+            bos = torch.full((len(s), 1), self.bos, dtype=torch.long)
+            yield Batch(target=torch.cat([bos, windows], dim=1))
+
+
+def lm_eval_batches(ids: Tensor, *, seq_len: int, batch_size: int, bos: int):
+    """Non-overlapping windows covering the whole validation stream, in order (last one shorter)."""
+    from seqgen.data.batch import Batch
+    from seqgen.data.batching import pad_sequences
+
+    windows = [ids[i:i + seq_len].tolist() for i in range(0, len(ids), seq_len)]
+    for b in range(0, len(windows), batch_size):
+        chunk = [[bos] + w for w in windows[b:b + batch_size]]
+        target, _ = pad_sequences(chunk, pad=0)
+        yield Batch(target=target)

@@ -1,0 +1,96 @@
+"""Checkpoint files: atomic writes, safe loads, integrity checks, a format version.
+
+A checkpoint is one file written by `torch.save` holding only plain data:
+
+    {"format": "seqgen-checkpoint", "version": 1, "sha256": <hex of payload bytes>, "payload": uint8 tensor}
+
+where `payload` is itself a `torch.save`d dict (config as JSON text, vocabularies as lists of str, weights,
+optionally the trainer state). Both levels are read with `torch.load(weights_only=True)`, so loading never
+runs pickled code; the checksum catches truncated or bit-flipped files before anything is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from seqgen.errors import SeqgenError
+
+FORMAT = "seqgen-checkpoint"
+VERSION = 1
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
+    """Write `payload` to `path` atomically: a temp file in the same folder, fsync, then rename.
+
+    A crash or a full disk at any moment leaves either the old file or the new one, never a mix.
+    """
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    raw = buf.getvalue()
+    outer = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(raw).hexdigest(),
+             "payload": torch.frombuffer(bytearray(raw), dtype=torch.uint8)}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(outer, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`; SeqgenError if it is missing, foreign, corrupt
+    or from a newer seqgen. Returns the payload dict."""
+    if not os.path.isfile(path):
+        raise SeqgenError(f"{path}: no such checkpoint file")
+    try:
+        outer = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated zips and for pickled code
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+            raise SeqgenError(f"{path}: refused: the file contains pickled code, not plain data "
+                              f"(not a seqgen checkpoint, or tampered with)") from None
+        raise SeqgenError(f"{path}: not a readable checkpoint (truncated or corrupt: {msg[:120]})") from None
+    if not isinstance(outer, dict) or outer.get("format") != FORMAT:
+        raise SeqgenError(f"{path}: not a seqgen checkpoint")
+    version = outer.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise SeqgenError(f"{path}: checkpoint format version {version} is newer than this seqgen "
+                          f"understands ({VERSION}); upgrade seqgen")
+    raw = outer.get("payload")
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
+        raise SeqgenError(f"{path}: checkpoint has no payload")
+    data = raw.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != outer.get("sha256"):
+        raise SeqgenError(f"{path}: checksum mismatch: the checkpoint is corrupt (truncated or modified)")
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise SeqgenError(f"{path}: checkpoint payload cannot be read safely ({str(e).splitlines()[0][:120]})") from None

@@ -1,0 +1,155 @@
+"""Typed dataclass configs: to/from plain dicts (checkpoints, YAML) and to/from CLI flags.
+
+One implementation for every task: a config section is a dataclass, a YAML file has the same keys,
+and `add_dataclass_flags` turns the same fields into `--flags` so the two can never drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from seqgen.errors import SeqgenError
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict:
+    """A dataclass (nested) as a plain dict of str/int/float/bool/None/list/dict."""
+    return dataclasses.asdict(cfg)
+
+
+def _resolved_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(name: str, tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(map(str, get_args(tp)))
+            raise SeqgenError(f"{where}: {name} must be one of {choices}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        if len(args) == 1:
+            return _check_value(name, args[0], value, where)
+        for a in args:  # e.g. "RNNEncoderConfig | CNNEncoderConfig" is resolved by the caller
+            try:
+                return _check_value(name, a, value, where)
+            except SeqgenError:
+                continue
+        raise SeqgenError(f"{where}: {name} has an invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise SeqgenError(f"{where}: {name} must be a mapping")
+        return from_dict(tp, value, where=f"{where}.{name}" if where else name)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SeqgenError(f"{where}: {name} must be true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SeqgenError(f"{where}: {name} must be an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SeqgenError(f"{where}: {name} must be a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise SeqgenError(f"{where}: {name} must be a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict, *, where: str = "config") -> T:
+    """Build dataclass `cls` from a dict, rejecting unknown keys and wrongly typed values by name."""
+    hints = _resolved_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SeqgenError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    kwargs = {k: _check_value(k, hints[k], v, where) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+# -- CLI flags -------------------------------------------------------------------------------------
+def _flag_type(tp: Any):
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else str
+        origin = get_origin(tp)
+    if origin is Literal:
+        return str, [str(a) for a in get_args(tp)]
+    if tp is bool:
+        return "bool", None
+    return tp, None
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "",
+                        dest_prefix: str, skip: tuple[str, ...] = ()) -> None:
+    """Add one `--{prefix}{field}` flag per field of `cls`. Defaults are suppressed so that only
+    flags the user typed override the YAML file; the dataclass default applies otherwise."""
+    hints = _resolved_types(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
+            continue
+        tp, choices = _flag_type(hints[f.name])
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        doc = f"(default: {default})"
+        if tp == "bool":
+            group.add_argument(flag, dest=f"{dest_prefix}.{f.name}", type=_parse_bool, nargs="?", const=True,
+                               default=argparse.SUPPRESS, metavar="BOOL", help=doc)
+        else:
+            group.add_argument(flag, dest=f"{dest_prefix}.{f.name}", type=tp, choices=choices,
+                               default=argparse.SUPPRESS, help=doc)
+
+
+def flags_to_dict(args: argparse.Namespace) -> dict:
+    """Collect `section.field` flags the user typed into a nested dict {section: {field: value}}."""
+    out: dict[str, dict] = {}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive dict merge: values in `override` win."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML config file into a dict (one clear error line if it is not a mapping)."""
+    import yaml
+
+    from seqgen.data.text import read_text
+    try:
+        data = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise SeqgenError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise SeqgenError(f"{path}: a config file must be a mapping of keys to values")
+    return data

@@ -1,0 +1,132 @@
+"""Padding and length-bucketed batches under a token budget.
+
+Randomness comes only from a `torch.Generator` seeded by (seed, epoch), so the batches of an epoch are a pure
+function of those two numbers: resuming needs only (epoch, batch index), no RNG state in the checkpoint.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """Right-pad sequences of ids to the longest one.
+
+    Returns ids [B, T] (int64, T = longest length, pad after each sequence) and lengths [B] (int64, CPU).
+    """
+    if len(seqs) == 0:
+        raise ValueError("pad_sequences needs at least one sequence")
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    ids = torch.full((len(seqs), int(lengths.max())), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return ids, lengths
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # One generator seed per (seed, epoch); the odd multiplier keeps (s, e) and (s + 1, e - k) apart.
+    return (seed * 0x9E3779B97F4A7C15 + epoch) % (1 << 63)
+
+
+class BucketBatchSampler:
+    """Length-bucketed batches under a token budget; deterministic for (seed, epoch); resumable.
+
+    lengths: cost of each example in tokens (e.g. max(src_len, tgt_len)).  Exactly one of
+    max_tokens: a batch's padded size, n_examples * longest, stays <= max_tokens (an example longer than the
+                budget becomes a batch of its own), or
+    batch_size: a fixed number of examples per batch (the last batch of a bucket may be smaller).
+    Bucketing: shuffle all examples (when shuffle), sort chunks of bucket_factor * estimated batch size by
+    length, cut each chunk into batches, then shuffle the order of the batches (when shuffle).  With
+    shuffle=False the examples keep their order between chunks and are sorted by length inside a chunk
+    (the order for inference; put outputs back with the indices).
+
+    Use `batches(epoch)` directly, or as a DataLoader `batch_sampler` with `set_epoch(epoch)` before each epoch.
+    """
+
+    def __init__(self, lengths: Sequence[int], *, max_tokens: int | None = None, batch_size: int | None = None,
+                 shuffle: bool = True, seed: int = 0, bucket_factor: int = 100):
+        if (max_tokens is None) == (batch_size is None):
+            raise ValueError("give exactly one of max_tokens and batch_size")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if bucket_factor < 1:
+            raise ValueError(f"bucket_factor must be >= 1, got {bucket_factor}")
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        if self.lengths.dim() != 1:
+            raise ValueError("lengths must be a flat sequence of ints")
+        self.max_tokens = max_tokens
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.bucket_factor = bucket_factor
+        self.epoch = 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def _estimated_batch_size(self) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        mean = float(self.lengths.float().mean()) if len(self.lengths) else 1.0
+        return max(1, int(self.max_tokens / max(mean, 1.0)))
+
+    def _cut(self, idx: list[int], lens: list[int]) -> list[list[int]]:
+        """Cut one chunk, sorted by ascending length, into batches."""
+        if self.batch_size is not None:
+            return [idx[i: i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        out: list[list[int]] = []
+        cur: list[int] = []
+        for i, n in zip(idx, lens):
+            # Sorted ascending, so the newcomer is the longest: padded size = (count + 1) * n.
+            if cur and (len(cur) + 1) * n > self.max_tokens:
+                out.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            out.append(cur)
+        return out
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Indices of the examples in each batch of `epoch`; the same (seed, epoch) gives the same list."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return [list(b) for b in self._cache[1]]
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        chunk = self.bucket_factor * self._estimated_batch_size()
+        out: list[list[int]] = []
+        for start in range(0, n, chunk):
+            idx = order[start: start + chunk]
+            # Stable sort: equal lengths keep their shuffled order, so ties differ between epochs too.
+            lens, perm = torch.sort(self.lengths[idx], stable=True)
+            out.extend(self._cut(idx[perm].tolist(), lens.tolist()))
+        if self.shuffle:
+            out = [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
+        self._cache = (epoch, out)
+        return [list(b) for b in out]
+
+    @staticmethod
+    def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
+        """Every `world`-th batch starting at `rank`, for data-parallel training.
+
+        The remainder (len(batches) % world batches) is dropped so that every rank gets the same count
+        (a rank with fewer steps would leave the others waiting in all-reduce).
+        """
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"need 0 <= rank < world, got rank={rank} world={world}")
+        usable = len(batches) // world * world
+        return batches[rank:usable:world]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch that `__iter__` and `__len__` refer to."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches(self.epoch))
+
+    def __len__(self) -> int:
+        """Batches in the current epoch (with max_tokens the count can differ by a few between epochs)."""
+        return len(self.batches(self.epoch))

@@ -1,0 +1,81 @@
+"""Parallel corpora for translation: two aligned text files or one TSV, and length filtering."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from seqgen.data.text import read_lines
+from seqgen.errors import SeqgenError
+
+
+@dataclass
+class ParallelCorpus:
+    """Aligned sentence pairs, stripped of surrounding whitespace; src[i] translates to tgt[i].
+
+    skipped_empty: pairs dropped because one side was empty or whitespace only (the caller warns).
+    """
+
+    src: list[str]
+    tgt: list[str]
+    skipped_empty: int = 0
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+def _pairs(src_lines: list[str], tgt_lines: list[str]) -> ParallelCorpus:
+    src, tgt, skipped = [], [], 0
+    for s, t in zip(src_lines, tgt_lines):
+        s, t = s.strip(), t.strip()
+        if not s or not t:
+            skipped += 1
+            continue
+        src.append(s)
+        tgt.append(t)
+    return ParallelCorpus(src=src, tgt=tgt, skipped_empty=skipped)
+
+
+def read_parallel(src_path: str | os.PathLike, tgt_path: str | os.PathLike) -> ParallelCorpus:
+    """Read two files aligned line by line (UTF-8, a BOM and CRLF line ends are accepted).
+
+    Raises SeqgenError when a file cannot be read, is empty, holds invalid UTF-8 (file:line:col), or when
+    the line counts differ (both files and both counts named).
+    """
+    src_path, tgt_path = os.fspath(src_path), os.fspath(tgt_path)
+    src_lines, tgt_lines = read_lines(src_path), read_lines(tgt_path)
+    if len(src_lines) != len(tgt_lines):
+        raise SeqgenError(f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)} "
+                          f"— the files must be aligned line by line")
+    return _pairs(src_lines, tgt_lines)
+
+
+def read_tsv(path: str | os.PathLike) -> ParallelCorpus:
+    """Read `source<TAB>target` per line (no header row).
+
+    Blank lines and pairs with an empty side are skipped and counted; a non-blank line without exactly one
+    tab raises SeqgenError naming path:line.
+    """
+    path = os.fspath(path)
+    src_lines, tgt_lines = [], []
+    for lineno, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            src_lines.append("")
+            tgt_lines.append("")
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise SeqgenError(f"{path}:{lineno}: expected 'source<TAB>target' with exactly one tab, "
+                              f"found {len(parts) - 1}")
+        src_lines.append(parts[0])
+        tgt_lines.append(parts[1])
+    return _pairs(src_lines, tgt_lines)
+
+
+def filter_by_length(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len: int) -> tuple[list[int], int]:
+    """Indices of the pairs whose source and target both have <= max_len tokens, and how many were dropped."""
+    if len(src_ids) != len(tgt_ids):
+        raise ValueError(f"{len(src_ids)} sources but {len(tgt_ids)} targets")
+    if max_len < 1:
+        raise SeqgenError(f"max length must be >= 1, got {max_len}")
+    keep = [i for i, (s, t) in enumerate(zip(src_ids, tgt_ids)) if len(s) <= max_len and len(t) <= max_len]
+    return keep, len(src_ids) - len(keep)

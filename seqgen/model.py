@@ -1,0 +1,210 @@
+"""Seq2Seq = encoder (text RNN | image CNN | none) + the shared RNNDecoder + tokenizers.
+
+This is the one place where a config becomes modules, and where a checkpoint becomes a model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqgen.checkpoint import load_checkpoint
+from seqgen.config import from_dict, to_dict
+from seqgen.data.batch import Batch
+from seqgen.decoders import search
+from seqgen.decoders.rnn import DecoderConfig, RNNDecoder
+from seqgen.decoders.search import Hypothesis
+from seqgen.encoders.base import EncoderOutput
+from seqgen.encoders.cnn import CNNEncoderConfig
+from seqgen.encoders.rnn import RNNEncoderConfig
+from seqgen.errors import SeqgenError
+from seqgen.tokenizers import TextCodec
+
+Task = Literal["lm", "translation", "captioning"]
+
+
+@dataclass
+class ModelConfig:
+    task: Task = "lm"
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    text_encoder: RNNEncoderConfig | None = None    # translation
+    image_encoder: CNNEncoderConfig | None = None   # captioning
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode: greedy (default), beam search (beam > 1) or sampling (temperature > 0)."""
+
+    beam: int = 1
+    temperature: float = 0.0       # 0 = deterministic (greedy or beam); > 0 = sample
+    top_k: int = 0                 # sampling: keep the k most likely tokens (0 = all)
+    top_p: float = 1.0             # sampling: keep the smallest set with probability >= p
+    max_len: int = 100
+    min_len: int = 0
+    length_penalty: float = 1.0    # beam: GNMT alpha; 0 = raw log-probability
+    n_best: int = 1
+    no_repeat_ngram: int = 0
+
+    def validate(self) -> None:
+        if self.beam < 1:
+            raise SeqgenError(f"--beam must be >= 1, got {self.beam}")
+        if self.temperature < 0:
+            raise SeqgenError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.temperature > 0 and self.beam > 1:
+            raise SeqgenError("choose either --beam N (search) or --temperature T (sampling), not both")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SeqgenError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.max_len < 1:
+            raise SeqgenError(f"--max-len must be >= 1, got {self.max_len}")
+        if self.n_best > self.beam:
+            raise SeqgenError(f"--n-best ({self.n_best}) cannot exceed --beam ({self.beam})")
+
+
+def build_encoder(cfg: ModelConfig, src: TextCodec | None) -> nn.Module | None:
+    """The encoder module for `cfg.task` (None for a language model)."""
+    if cfg.task == "lm":
+        return None
+    if cfg.task == "translation":
+        from seqgen.encoders.rnn import RNNTextEncoder
+        if cfg.text_encoder is None or src is None:
+            raise SeqgenError("a translation model needs a text encoder config and a source vocabulary")
+        return RNNTextEncoder(cfg.text_encoder, len(src.vocab), pad_id=src.vocab.pad)
+    from seqgen.encoders.cnn import CNNImageEncoder
+    if cfg.image_encoder is None:
+        raise SeqgenError("a captioning model needs an image encoder config")
+    return CNNImageEncoder(cfg.image_encoder)
+
+
+class Seq2Seq(nn.Module):
+    """encoder + decoder + codecs. `tgt` turns generated ids into text; `src` encodes source text."""
+
+    def __init__(self, config: ModelConfig, tgt: TextCodec, src: TextCodec | None = None):
+        super().__init__()
+        self.config, self.tgt, self.src = config, tgt, src
+        self.encoder = build_encoder(config, src)
+        self.decoder = RNNDecoder(
+            config.decoder, len(tgt.vocab), pad_id=tgt.vocab.pad,
+            enc_state_size=getattr(self.encoder, "state_size", None),
+            memory_size=getattr(self.encoder, "memory_size", None))
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed.weight.device
+
+    # -- training ------------------------------------------------------------------------------------
+    def encode(self, source: Tensor | EncoderOutput | None, lengths: Tensor | None = None) -> EncoderOutput | None:
+        """Run the encoder; precomputed features (an EncoderOutput) and a missing encoder pass through."""
+        if source is None or isinstance(source, EncoderOutput) or self.encoder is None:
+            return source if isinstance(source, EncoderOutput) else None
+        return self.encoder(source, lengths) if lengths is not None else self.encoder(source)
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Teacher-forced logits [B, T, V] for predicting batch.target[:, 1:]."""
+        enc = self.encode(batch.source, batch.source_lengths)
+        tokens = batch.target[:, :-1]
+        logits, _ = self.decoder(tokens, self.decoder.init_state(enc, tokens.size(0)), enc)
+        return logits
+
+    def loss(self, batch: Batch, label_smoothing: float = 0.0) -> tuple[Tensor, int]:
+        """Mean cross-entropy per target token (nats) and the number of tokens it averages over."""
+        logits = self(batch)
+        gold = batch.target[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), gold.reshape(-1),
+                               ignore_index=self.tgt.vocab.pad, label_smoothing=label_smoothing)
+        return loss, int((gold != self.tgt.vocab.pad).sum())
+
+    # -- inference -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, source: Tensor | EncoderOutput | None = None, lengths: Tensor | None = None, *,
+                 batch_size: int | None = None, gen: GenerationConfig | None = None,
+                 prefix: Tensor | None = None, generator: torch.Generator | None = None
+                 ) -> list[list[Hypothesis]]:
+        """Decode a batch. Returns, per input, `gen.n_best` hypotheses (one for greedy/sampling), best first.
+
+        source: [B, S] ids / [B, 3, H, W] images / EncoderOutput / None (then `batch_size` inputs).
+        prefix: [P] or [B, P] forced tokens after bos (a prompt).
+        """
+        gen = gen or GenerationConfig()
+        gen.validate()
+        was_training = self.training
+        self.eval()
+        try:
+            enc = self.decoder.prepare(self.encode(source, lengths))
+            n = batch_size if enc is None else _batch_of(enc)
+            if n is None:
+                raise ValueError("generate() needs a source or batch_size")
+            state = self.decoder.init_state(enc, n)
+            common = dict(bos=self.tgt.vocab.bos, eos=self.tgt.vocab.eos, max_len=gen.max_len,
+                          min_len=gen.min_len, prefix=prefix, no_repeat_ngram=gen.no_repeat_ngram)
+            if gen.beam > 1:
+                return search.beam_search(self.decoder, state, enc, beam=gen.beam, n_best=gen.n_best,
+                                          length_penalty=gen.length_penalty, **common)
+            if gen.temperature > 0:
+                hyps = search.sample(self.decoder, state, enc, temperature=gen.temperature, top_k=gen.top_k,
+                                     top_p=gen.top_p, generator=generator, **common)
+            else:
+                hyps = search.greedy(self.decoder, state, enc, **common)
+            return [[h] for h in hyps]
+        finally:
+            self.train(was_training)
+
+    # -- task APIs (thin: the work is in seqgen.tasks.*) ---------------------------------------------
+    def translate(self, sentences: list[str], *, beam: int = 5, batch_size: int = 64, **gen_options) -> list[str]:
+        """Translate source sentences; returns detokenized target sentences (see tasks.translation)."""
+        from seqgen.tasks.translation import translate
+        return translate(self, sentences, GenerationConfig(beam=beam, **gen_options), batch_size=batch_size)
+
+    def caption(self, images: list, *, beam: int = 5, batch_size: int = 64, **gen_options) -> list[str]:
+        """Caption image paths or PIL images; returns one caption per image (see tasks.captioning)."""
+        from seqgen.tasks.captioning import caption_images
+        return caption_images(self, images, GenerationConfig(beam=beam, **gen_options), batch_size=batch_size)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def to_payload(self) -> dict:
+        """Plain data describing this model completely (config, codecs, weights)."""
+        return {"task": self.config.task, "config": json.dumps(to_dict(self.config)),
+                "tgt": self.tgt.to_dict(), "src": self.src.to_dict() if self.src is not None else None,
+                "model": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+
+    @classmethod
+    def from_payload(cls, payload: dict, *, where: str = "checkpoint") -> "Seq2Seq":
+        try:
+            config = from_dict(ModelConfig, json.loads(payload["config"]), where=where)
+            tgt = TextCodec.from_dict(payload["tgt"])
+            src = TextCodec.from_dict(payload["src"]) if payload.get("src") is not None else None
+        except (KeyError, TypeError, ValueError) as e:
+            raise SeqgenError(f"{where}: checkpoint is missing or has a malformed entry ({e})") from None
+        if config.image_encoder is not None:
+            # the trained weights are in the checkpoint: never fetch or read backbone weights again
+            config.image_encoder = dataclasses.replace(config.image_encoder, weights=None, weights_file=None)
+        model = cls(config, tgt, src)
+        try:
+            model.load_state_dict(payload["model"])
+        except RuntimeError as e:
+            raise SeqgenError(f"{where}: weights do not match the model config "
+                              f"({str(e).splitlines()[0][:160]})") from None
+        return model
+
+
+def _batch_of(enc: EncoderOutput) -> int:
+    for t in (enc.state, enc.memory):
+        if t is not None:
+            return t.size(0)
+    raise ValueError("EncoderOutput has no tensors")
+
+
+def load_model(path: str, *, device: str | torch.device = "cpu", task: Task | None = None) -> Seq2Seq:
+    """Load a trained model from a checkpoint file, in eval mode on `device`.
+
+    task: if given, a checkpoint of another task is refused with a clear error.
+    """
+    payload = load_checkpoint(path)
+    found = payload.get("task")
+    if task is not None and found != task:
+        raise SeqgenError(f"{path}: this is a {found!r} checkpoint, but a {task!r} model is needed here")
+    return Seq2Seq.from_payload(payload, where=path).to(device).eval()

@@ -1,0 +1,115 @@
+"""Language models (char, word, subword): data, training and generation from a prompt."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from seqgen.checkpoint import load_checkpoint
+from seqgen.config import from_dict, merge, to_dict
+from seqgen.data.text import LMBatches, lm_eval_batches, read_text
+from seqgen.decoders.rnn import DecoderConfig
+from seqgen.errors import SeqgenError
+from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
+from seqgen.tokenizers import TextCodec
+from seqgen.train import Trainer, TrainConfig, TrainState, check_out_dir, seed_everything
+
+
+@dataclass
+class LMDataConfig:
+    text: str = ""                 # path of the UTF-8 training text
+    level: Literal["char", "word", "subword"] = "char"
+    valid_fraction: float = 0.1    # the last part of the text is held out for validation
+    seq_len: int = 256             # tokens per training window (truncated backprop length)
+    batch_size: int = 64
+    min_freq: int = 1              # char/word vocabulary: drop rarer tokens (they become <unk>)
+    max_vocab: int = 0             # char/word vocabulary cap including specials; 0 = none
+    vocab_size: int = 8000         # subword: sentencepiece vocabulary size
+
+
+@dataclass
+class LMRunConfig:
+    data: LMDataConfig = field(default_factory=LMDataConfig)
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(
+        cell="lstm", emb=512, hidden=512, layers=2, dropout=0.2))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-3, eval_every=500))
+
+
+def split_text(text: str, valid_fraction: float) -> tuple[str, str]:
+    """First (1 - valid_fraction) of the characters for training, the rest for validation."""
+    if not 0.0 <= valid_fraction < 1.0:
+        raise SeqgenError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
+    cut = int(len(text) * (1.0 - valid_fraction))
+    return text[:cut], text[cut:]
+
+
+def make_evaluate(valid_ids: torch.Tensor, seq_len: int, batch_size: int, bos: int
+                  ) -> Callable[[Seq2Seq], dict[str, float]]:
+    """Validation loss in nats per token (per character at char level) over the whole held-out text."""
+
+    def evaluate(model: Seq2Seq) -> dict[str, float]:
+        if len(valid_ids) == 0:
+            return {"loss": float("nan")}
+        total, count = 0.0, 0
+        for batch in lm_eval_batches(valid_ids, seq_len=seq_len, batch_size=batch_size, bos=bos):
+            loss, n = model.loss(batch.to(model.device))
+            total += loss.item() * n
+            count += n
+        loss = total / count
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+    return evaluate
+
+
+def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides: dict | None = None,
+             log: Callable[[str], None] | None = None) -> TrainState:
+    """Train (or resume) a language model on `run.data.text`; checkpoints go to `out_dir`."""
+    resume_path = check_out_dir(out_dir, resume)
+    if resume_path:
+        payload = load_checkpoint(resume_path)
+        if payload.get("task") != "lm":
+            raise SeqgenError(f"{resume_path}: is a {payload.get('task')!r} checkpoint, not a language model")
+        saved = json.loads(payload["run_config"])
+        run = from_dict(LMRunConfig, merge(saved, overrides or {}), where="run config")
+        model = Seq2Seq.from_payload(payload, where=resume_path)
+        codec = model.tgt
+    text = read_text(run.data.text)
+    train_text, valid_text = split_text(text, run.data.valid_fraction)
+    if not resume_path:
+        codec = TextCodec.build(run.data.level, [train_text], min_freq=run.data.min_freq,
+                                max_size=run.data.max_vocab or None, vocab_size=run.data.vocab_size)
+        seed_everything(run.train.seed)
+        model = Seq2Seq(ModelConfig(task="lm", decoder=run.decoder), tgt=codec)
+    train_ids = torch.tensor(codec.encode(train_text), dtype=torch.long)
+    valid_ids = torch.tensor(codec.encode(valid_text), dtype=torch.long)
+    data = LMBatches(train_ids, seq_len=run.data.seq_len, batch_size=run.data.batch_size,
+                     bos=codec.vocab.bos, seed=run.train.seed)
+    evaluate = make_evaluate(valid_ids, run.data.seq_len, run.data.batch_size, codec.vocab.bos)
+    trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="loss", mode="min",
+                      run_config=to_dict(run), log=log)
+    if resume_path:
+        trainer.resume(resume_path)
+    else:
+        trainer._log(f"{run.data.text}: {len(train_ids):,} training and {len(valid_ids):,} validation "
+                     f"tokens, vocabulary {len(codec.vocab)} ({run.data.level}); "
+                     f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    return trainer.train()
+
+
+def generate_text(model: Seq2Seq, prompt: str, gen: GenerationConfig, *, num_samples: int = 1,
+                  seed: int = 1) -> list[str]:
+    """Continue `prompt` `num_samples` times; returns prompt + continuation for each sample
+    (for beam search: the n-best continuations of one search)."""
+    unknown = model.tgt.unknown(prompt)
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:10])
+        raise SeqgenError(f"--prompt contains symbols the model never saw in training: {shown}")
+    ids = model.tgt.encode(prompt)
+    prefix = torch.tensor(ids, dtype=torch.long, device=model.device) if ids else None
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    n = 1 if gen.beam > 1 else num_samples
+    results = model.generate(batch_size=n, gen=gen, prefix=prefix, generator=generator)
+    return [model.tgt.decode(ids + h.tokens) for hyps in results for h in hyps]

@@ -1,0 +1,301 @@
+"""Trainer: the one training loop for every task.
+
+The task supplies a model, a `BatchSource` (its data loader) and an `evaluate` function returning
+metrics; everything else — optimiser, LR schedule, clipping, label smoothing, early stopping,
+checkpoints, exact resume, progress and the metrics log — lives here once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from seqgen.checkpoint import load_checkpoint, save_checkpoint
+from seqgen.config import from_dict, to_dict
+from seqgen.data.batch import Batch
+from seqgen.errors import SeqgenError
+from seqgen.model import Seq2Seq
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    schedule: Literal["constant", "cosine", "plateau"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1        # cosine ends at lr * min_lr_ratio
+    plateau_factor: float = 0.5      # plateau: lr *= factor after `plateau_patience` evals without improvement
+    plateau_patience: int = 2
+    label_smoothing: float = 0.0
+    max_steps: int = 5000
+    max_epochs: int = 1000
+    time_budget: float = 0.0         # minutes of training (evaluation excluded); 0 = no limit
+    eval_every: int = 500
+    log_every: int = 50
+    checkpoint_every: int = 500
+    patience: int = 0                # early stopping: evals without improvement before stopping; 0 = never
+    max_bad_steps: int = 5           # consecutive non-finite losses before training stops
+    seed: int = 1
+    device: str = "auto"
+    progress: bool = True
+
+
+class BatchSource(Protocol):
+    """A task's training data: deterministic batches per epoch, restartable at any batch index."""
+
+    def num_batches(self, epoch: int) -> int: ...
+
+    def iter_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]: ...
+
+
+Evaluate = Callable[[Seq2Seq], dict[str, float]]
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved in every checkpoint so that --resume continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best: float | None = None
+    bad_evals: int = 0
+    lr_scale: float = 1.0            # plateau schedule's current factor
+    bad_plateau: int = 0
+    train_seconds: float = 0.0
+    history: list = field(default_factory=list)  # (step, metric) of every evaluation
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SeqgenError(f"--device: unknown device {name!r} (use auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SeqgenError("--device cuda: no CUDA GPU is available on this machine")
+    return device
+
+
+def lr_factor(cfg: TrainConfig, state: TrainState) -> float:
+    """LR multiplier at `state.step`: linear warmup, then the chosen schedule."""
+    step = state.step
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "plateau":
+        return state.lr_scale
+    return 1.0
+
+
+class Trainer:
+    """Trains `model` on `data`, evaluating with `evaluate` and keeping checkpoints in `out_dir`.
+
+    metric: the key of `evaluate`'s result used for best-checkpoint keeping and early stopping;
+    mode: "min" (loss) or "max" (BLEU, CIDEr).
+    """
+
+    def __init__(self, model: Seq2Seq, data: BatchSource, evaluate: Evaluate, cfg: TrainConfig,
+                 out_dir: str, *, metric: str = "loss", mode: Literal["min", "max"] = "min",
+                 run_config: dict | None = None, log: Callable[[str], None] | None = None):
+        self.cfg, self.data, self.evaluate = cfg, data, evaluate
+        self.out_dir, self.metric, self.mode = out_dir, metric, mode
+        self.run_config = run_config or {}
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device)
+        self.pad = model.tgt.vocab.pad
+        params = [p for p in model.parameters() if p.requires_grad]
+        # no weight decay on biases, norms and embeddings (standard AdamW practice)
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for p in params if all(p is not q for q in decay)]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.98))
+        self.state = TrainState()
+        self._log = log or (lambda msg: tqdm.write(msg))
+        os.makedirs(out_dir, exist_ok=True)
+        self.last_path = os.path.join(out_dir, "last.pt")
+        self.best_path = os.path.join(out_dir, "best.pt")
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def _payload(self, with_trainer: bool) -> dict:
+        payload = self.model.to_payload()
+        payload["run_config"] = json.dumps(self.run_config)
+        payload["metrics"] = json.dumps({"step": self.state.step, "best": self.state.best})
+        if with_trainer:
+            payload["trainer"] = {
+                "state": json.dumps(to_dict(self.state)),
+                "optimizer": self.optimizer.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            }
+        return payload
+
+    def save(self) -> None:
+        save_checkpoint(self.last_path, self._payload(with_trainer=True))
+
+    def resume(self, path: str | None = None) -> None:
+        """Restore model, optimiser, RNG, data position and schedule from `path` (default: last.pt)."""
+        path = path or self.last_path
+        payload = load_checkpoint(path)
+        if "trainer" not in payload:
+            raise SeqgenError(f"{path}: has no trainer state (a best.pt?); resume from last.pt")
+        if payload.get("task") != self.model.config.task:
+            raise SeqgenError(f"{path}: is a {payload.get('task')!r} checkpoint, cannot resume a "
+                              f"{self.model.config.task!r} run from it")
+        try:
+            self.model.load_state_dict(payload["model"])
+        except RuntimeError as e:
+            raise SeqgenError(f"{path}: weights do not match this run's model config "
+                              f"({str(e).splitlines()[0][:160]})") from None
+        tr = payload["trainer"]
+        self.optimizer.load_state_dict(tr["optimizer"])
+        self.state = from_dict(TrainState, json.loads(tr["state"]), where=path)
+        torch.set_rng_state(tr["rng_cpu"])
+        if tr["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(tr["rng_cuda"])
+        self._truncate_metrics_log()
+        self._log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
+                  f"batch {self.state.batch_in_epoch})")
+
+    def _truncate_metrics_log(self) -> None:
+        """Drop log lines written after the checkpoint we resume from, so the log has no duplicates."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path, encoding="utf-8") as f:
+            kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= self.state.step]
+        tmp = self.metrics_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.metrics_path)
+
+    def _write_metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    def _improved(self, value: float) -> bool:
+        best = self.state.best
+        return best is None or (value < best if self.mode == "min" else value > best)
+
+    def run_eval(self) -> bool:
+        """Evaluate, keep best.pt, update plateau/early stopping. Returns True to stop training."""
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.evaluate(self.model)
+        self.model.train()
+        if self.metric not in metrics:
+            raise SeqgenError(f"evaluation returned no {self.metric!r} (got {sorted(metrics)})")
+        value = metrics[self.metric]
+        st = self.state
+        st.history.append([st.step, value])
+        improved = self._improved(value)
+        if improved:
+            st.best, st.bad_evals, st.bad_plateau = value, 0, 0
+            save_checkpoint(self.best_path, self._payload(with_trainer=False))
+        else:
+            st.bad_evals += 1
+            st.bad_plateau += 1
+            if self.cfg.schedule == "plateau" and st.bad_plateau >= self.cfg.plateau_patience:
+                st.lr_scale *= self.cfg.plateau_factor
+                st.bad_plateau = 0
+        shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self._log(f"eval step {st.step}: {shown}" + (" (best)" if improved else ""))
+        self._write_metrics({"step": st.step, "eval": metrics, "best": st.best})
+        return bool(self.cfg.patience and st.bad_evals >= self.cfg.patience)
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def train(self) -> TrainState:
+        """Train until max_steps, max_epochs, the time budget or early stopping; returns the final state."""
+        cfg, st, model = self.cfg, self.state, self.model
+        model.train()
+        bar = tqdm(total=cfg.max_steps, initial=st.step, disable=not cfg.progress, desc="train",
+                   unit="step", dynamic_ncols=True)
+        window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
+        bad_steps, stop = 0, st.step >= cfg.max_steps
+        while not stop and st.epoch < cfg.max_epochs:
+            if st.batch_in_epoch >= self.data.num_batches(st.epoch):
+                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+                continue
+            for batch in self.data.iter_batches(st.epoch, st.batch_in_epoch):
+                t0 = time.perf_counter()
+                batch = batch.to(self.device)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(cfg, st)
+                loss, n_tok = model.loss(batch, cfg.label_smoothing)
+                st.batch_in_epoch += 1
+                if not torch.isfinite(loss):
+                    bad_steps += 1
+                    self._log(f"step {st.step}: non-finite loss ({loss.item()}), batch skipped "
+                              f"({bad_steps}/{cfg.max_bad_steps})")
+                    self._write_metrics({"step": st.step, "skipped": "non-finite loss"})
+                    if bad_steps >= cfg.max_bad_steps:
+                        raise SeqgenError(
+                            f"training stopped: {bad_steps} consecutive non-finite losses at step {st.step}; "
+                            f"lower --lr or check the data (last good checkpoint: {self.last_path})")
+                    continue
+                bad_steps = 0
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+                self.optimizer.step()
+                st.step += 1
+                st.train_seconds += time.perf_counter() - t0
+                window_tokens += n_tok
+                window_loss += loss.item()
+                window_steps += 1
+                bar.update(1)
+                if st.step % cfg.log_every == 0 or st.step == cfg.max_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    rec = {"step": st.step, "epoch": st.epoch, "loss": window_loss / window_steps,
+                           "tokens_per_s": window_tokens / elapsed, "lr": self.optimizer.param_groups[0]["lr"]}
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                    self._log(f"step {st.step} | epoch {st.epoch} | loss {rec['loss']:.4f} | "
+                              f"{rec['tokens_per_s']:,.0f} tok/s | lr {rec['lr']:.2e}")
+                    self._write_metrics(rec)
+                    window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
+                out_of_time = cfg.time_budget > 0 and st.train_seconds >= cfg.time_budget * 60
+                stop = st.step >= cfg.max_steps or out_of_time
+                if st.step % cfg.eval_every == 0 or stop:
+                    stop = self.run_eval() or stop
+                    window_start = time.perf_counter()
+                if st.step % cfg.checkpoint_every == 0 or st.step % cfg.eval_every == 0 or stop:
+                    self.save()
+                if stop:
+                    break
+        bar.close()
+        if st.step % cfg.eval_every != 0 and not stop:  # ran out of epochs between evaluations
+            self.run_eval()
+            self.save()
+        return st
+
+
+def check_out_dir(out_dir: str, resume: bool) -> str | None:
+    """Refuse to overwrite a previous run; with resume, return the checkpoint to continue from."""
+    last = os.path.join(out_dir, "last.pt")
+    if resume:
+        if not os.path.exists(last):
+            raise SeqgenError(f"--resume: {last} does not exist (nothing to resume); drop --resume to start")
+        return last
+    if os.path.exists(last) or os.path.exists(os.path.join(out_dir, "best.pt")):
+        raise SeqgenError(f"{out_dir} already holds a trained model; pass --resume to continue it "
+                          f"or choose another --out (nothing was overwritten)")
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's CPU (and CUDA) generators: dropout and initialisation are the only global randomness."""
+    torch.manual_seed(seed)

@@ -1,0 +1,79 @@
+"""Checkpoints are data, written atomically, verified on load."""
+import io
+import os
+import pickle
+
+import pytest
+import torch
+
+from seqgen.checkpoint import load_checkpoint, save_checkpoint
+from seqgen.errors import SeqgenError
+
+
+def test_round_trip(tmp_path):
+    path = str(tmp_path / "a.pt")
+    payload = {"config": "{}", "model": {"w": torch.randn(3, 4)}, "vocab": ["<pad>", "a"]}
+    save_checkpoint(path, payload)
+    back = load_checkpoint(path)
+    assert torch.equal(back["model"]["w"], payload["model"]["w"]) and back["vocab"] == payload["vocab"]
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
+
+
+def test_truncated_file_is_detected(tmp_path):
+    path = tmp_path / "a.pt"
+    save_checkpoint(str(path), {"model": {"w": torch.randn(100, 100)}})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SeqgenError, match="truncated|corrupt"):
+        load_checkpoint(str(path))
+
+
+def test_bit_flip_is_detected_by_checksum(tmp_path):
+    path = tmp_path / "a.pt"
+    save_checkpoint(str(path), {"model": {"w": torch.zeros(1000)}})
+    outer = torch.load(path, weights_only=True)
+    outer["payload"][len(outer["payload"]) // 2] ^= 0x10
+    torch.save(outer, path)
+    with pytest.raises(SeqgenError, match="checksum"):
+        load_checkpoint(str(path))
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickled_callable_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "seqgen-checkpoint", "version": 1, "payload": Evil()}, path)
+    with pytest.raises(SeqgenError, match="pickled code"):
+        load_checkpoint(str(path))
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(SeqgenError):
+        load_checkpoint(str(raw))
+
+
+def test_foreign_and_future_formats(tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    with pytest.raises(SeqgenError, match="not a seqgen checkpoint"):
+        load_checkpoint(str(foreign))
+    future = tmp_path / "future.pt"
+    torch.save({"format": "seqgen-checkpoint", "version": 99, "payload": torch.zeros(1, dtype=torch.uint8)}, future)
+    with pytest.raises(SeqgenError, match="newer"):
+        load_checkpoint(str(future))
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
