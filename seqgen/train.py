@@ -93,6 +93,8 @@ def lr_factor(cfg: TrainConfig, state: TrainState) -> float:
     if cfg.schedule == "cosine":
         span = max(1, cfg.max_steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / span)
+        if cfg.time_budget > 0:  # a time-budgeted run decays over whichever horizon ends first
+            progress = max(progress, min(1.0, state.train_seconds / (cfg.time_budget * 60)))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.schedule == "plateau":
         return state.lr_scale
