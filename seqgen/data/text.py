@@ -117,15 +117,3 @@ class LMBatches:
             windows = self.ids[s.unsqueeze(1) + cols]                      # [B, seq_len]
             bos = torch.full((len(s), 1), self.bos, dtype=torch.long)
             yield Batch(target=torch.cat([bos, windows], dim=1))
-
-
-def lm_eval_batches(ids: Tensor, *, seq_len: int, batch_size: int, bos: int):
-    """Non-overlapping windows covering the whole validation stream, in order (last one shorter)."""
-    from seqgen.data.batch import Batch
-    from seqgen.data.batching import pad_sequences
-
-    windows = [ids[i:i + seq_len].tolist() for i in range(0, len(ids), seq_len)]
-    for b in range(0, len(windows), batch_size):
-        chunk = [[bos] + w for w in windows[b:b + batch_size]]
-        target, _ = pad_sequences(chunk, pad=0)
-        yield Batch(target=target)

@@ -87,12 +87,28 @@ class RNNDecoder(nn.Module):
     # -- running -------------------------------------------------------------------------------------
     def _rnn(self, x: Tensor, state: DecoderState) -> tuple[Tensor, Tensor, Tensor | None]:
         """x [B, T, I] -> outputs [B, T, H], h [B, L, H], c [B, L, H] | None."""
+        if x.size(1) == 1 and not (self.training and self.rnn.dropout > 0):
+            return self._rnn_one_step(x, state)
         h0 = state.h.transpose(0, 1).contiguous()
         if self.cfg.cell == "lstm":
             out, (h, c) = self.rnn(x, (h0, state.c.transpose(0, 1).contiguous()))
             return out, h.transpose(0, 1), c.transpose(0, 1)
         out, h = self.rnn(x, h0)
         return out, h.transpose(0, 1), None
+
+    def _rnn_one_step(self, x: Tensor, state: DecoderState) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One time step through the layers with the fused cell kernels: the multi-layer sequence kernel
+        costs several times more per call than the arithmetic at T = 1, which dominates generation."""
+        inp, hs, cs = x[:, 0], [], []
+        for k in range(self.cfg.layers):
+            w = [getattr(self.rnn, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            if self.cfg.cell == "lstm":
+                inp, c = torch.lstm_cell(inp, (state.h[:, k], state.c[:, k]), *w)
+                cs.append(c)
+            else:
+                inp = torch.gru_cell(inp, state.h[:, k], *w)
+            hs.append(inp)
+        return inp.unsqueeze(1), torch.stack(hs, 1), (torch.stack(cs, 1) if cs else None)
 
     def _pre_output(self, out: Tensor, enc: EncoderOutput | None) -> tuple[Tensor, Tensor | None]:
         """RNN outputs [B, T, H] -> attentional vectors [B, T, O] and attention weights [B, T, S] | None."""

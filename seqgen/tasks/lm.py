@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 
 from seqgen.checkpoint import load_checkpoint
 from seqgen.config import from_dict, merge, to_dict
-from seqgen.data.text import LMBatches, lm_eval_batches, read_text
+from seqgen.data.text import LMBatches, read_text
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.errors import SeqgenError
 from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
@@ -46,18 +47,35 @@ def split_text(text: str, valid_fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def make_evaluate(valid_ids: torch.Tensor, seq_len: int, batch_size: int, bos: int
+def make_evaluate(valid_ids: torch.Tensor, seq_len: int, streams: int, bos: int, pad: int
                   ) -> Callable[[Seq2Seq], dict[str, float]]:
-    """Validation loss in nats per token (per character at char level) over the whole held-out text."""
+    """Validation loss in nats per token (per character at char level) over the whole held-out text.
+
+    The text is read as `streams` contiguous segments whose RNN state is carried from one window to the
+    next (the usual RNN-LM evaluation), so each token is predicted from all the text before it in its
+    segment rather than from a window that restarts every `seq_len` tokens.
+    """
 
     def evaluate(model: Seq2Seq) -> dict[str, float]:
         if len(valid_ids) == 0:
             return {"loss": float("nan")}
+        # few streams for a short text: every stream starts cold, from bos alone
+        n_streams = max(1, min(streams, len(valid_ids) // (4 * seq_len)))
+        n = -(-len(valid_ids) // n_streams)
+        rows = torch.full((n_streams, n + 1), pad, dtype=torch.long)
+        rows[:, 0] = bos
+        for i in range(n_streams):
+            seg = valid_ids[i * n:(i + 1) * n]
+            rows[i, 1:1 + len(seg)] = seg
+        rows = rows.to(model.device)
+        state = model.decoder.init_state(None, n_streams)
         total, count = 0.0, 0
-        for batch in lm_eval_batches(valid_ids, seq_len=seq_len, batch_size=batch_size, bos=bos):
-            loss, n = model.loss(batch.to(model.device))
-            total += loss.item() * n
-            count += n
+        for w in range(0, n, seq_len):
+            gold = rows[:, w + 1:w + seq_len + 1]
+            logits, state = model.decoder(rows[:, w:w + gold.size(1)], state)
+            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), gold.reshape(-1),
+                                     ignore_index=pad, reduction="sum").item()
+            count += int((gold != pad).sum())
         loss = total / count
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
@@ -87,7 +105,7 @@ def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides:
     valid_ids = torch.tensor(codec.encode(valid_text), dtype=torch.long)
     data = LMBatches(train_ids, seq_len=run.data.seq_len, batch_size=run.data.batch_size,
                      bos=codec.vocab.bos, seed=run.train.seed)
-    evaluate = make_evaluate(valid_ids, run.data.seq_len, run.data.batch_size, codec.vocab.bos)
+    evaluate = make_evaluate(valid_ids, run.data.seq_len, 8, codec.vocab.bos, codec.vocab.pad)
     trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="loss", mode="min",
                       run_config=to_dict(run), log=log)
     if resume_path:
