@@ -1,0 +1,171 @@
+"""Evaluation metrics shared by the tasks: sacrebleu BLEU/chrF, caption BLEU-1..4, CIDEr-D, perplexity.
+
+Scores are on sacrebleu's 0..100 scale for BLEU/chrF; CIDEr-D is on its usual scale (x10, ~0..10).
+
+Caption metrics follow the coco-caption conventions: captions are lowercased, split PTB-style (clitics
+such as 's and n't become their own tokens) and punctuation tokens are dropped, then BLEU is computed on
+those tokens (sacrebleu with tokenize="none", no smoothing, closest reference length) and CIDEr-D on the
+same tokens. coco-caption runs the Stanford PTBTokenizer in Java; `caption_tokens` is a dependency-free
+approximation that agrees with it on ordinary captions.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Sequence
+
+from seqgen.errors import SeqgenError
+
+# -- translation-style corpus metrics --------------------------------------------------------------
+
+
+def _ref_streams(hyps: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
+    """refs as sacrebleu's reference streams (one list per reference, each as long as `hyps`)."""
+    if refs and all(isinstance(r, str) for r in refs):
+        streams = [list(refs)]  # a single reference stream
+    else:
+        streams = [list(s) for s in refs]
+    if not streams:
+        raise SeqgenError("no references given")
+    for k, s in enumerate(streams):
+        if len(s) != len(hyps):
+            raise SeqgenError(f"reference stream {k + 1} has {len(s)} lines but there are {len(hyps)} hypotheses")
+    return streams
+
+
+def corpus_bleu(hyps: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]]) -> dict:
+    """sacrebleu corpus BLEU (default 13a tokenization, case-sensitive).
+
+    refs: one list of reference lines, or a list of reference streams (each aligned with `hyps`).
+    Returns {"bleu": float 0..100, "signature": str}.
+    """
+    from sacrebleu.metrics import BLEU
+    metric = BLEU()
+    score = metric.corpus_score(list(hyps), _ref_streams(hyps, refs))
+    return {"bleu": score.score, "signature": str(metric.get_signature())}
+
+
+def corpus_chrf(hyps: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]]) -> dict:
+    """sacrebleu corpus chrF. refs as in `corpus_bleu`. Returns {"chrf": float 0..100, "signature": str}."""
+    from sacrebleu.metrics import CHRF
+    metric = CHRF()
+    score = metric.corpus_score(list(hyps), _ref_streams(hyps, refs))
+    return {"chrf": score.score, "signature": str(metric.get_signature())}
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean negative log-likelihood per token, in nats); inf instead of an overflow."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
+
+
+# -- caption metrics -------------------------------------------------------------------------------
+
+_CLITIC_NT = re.compile(r"(\w)(n't)\b")
+_CLITIC = re.compile(r"(\w)('(?:s|re|ve|ll|d|m))\b")
+_TOKEN = re.compile(r"\w+(?:[-'.]\w+)*|'(?:s|re|ve|ll|d|m)\b|\S")
+
+
+def caption_tokens(text: str) -> list[str]:
+    """Lowercased PTB-like tokens without punctuation: "A dog's toy, isn't it." -> a dog 's toy is n't it."""
+    text = text.lower().replace("\u2019", "'")
+    text = _CLITIC_NT.sub(r"\1 \2", text)
+    text = _CLITIC.sub(r"\1 \2", text)
+    return [t for t in _TOKEN.findall(text) if any(ch.isalnum() for ch in t)]
+
+
+def _check_caption_inputs(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> None:
+    if len(hyps) != len(refs):
+        raise SeqgenError(f"{len(hyps)} captions but references for {len(refs)} images")
+    if not hyps:
+        raise SeqgenError("no captions to score")
+    for i, r in enumerate(refs):
+        if isinstance(r, str) or len(r) == 0:
+            raise SeqgenError(f"image {i}: references must be a non-empty list of captions")
+
+
+def caption_bleu(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict:
+    """Corpus BLEU-1..4 of one caption per image against that image's references (any number each).
+
+    hyps[i]: the caption of image i; refs[i]: its references. Tokenized with `caption_tokens`; sacrebleu
+    BLEU with tokenize="none", no smoothing (as coco-caption), brevity penalty from the closest
+    reference length per caption. Missing references (images with fewer than the most) are passed to
+    sacrebleu as None, which it drops per segment, so they neither count as matches nor as lengths.
+    Returns {"bleu1".."bleu4": float 0..100, "signature": str}.
+    """
+    from sacrebleu.metrics import BLEU
+    _check_caption_inputs(hyps, refs)
+    hyp_text = [" ".join(caption_tokens(h)) for h in hyps]
+    depth = max(len(r) for r in refs)
+    streams = [[" ".join(caption_tokens(r[k])) if k < len(r) else None for r in refs] for k in range(depth)]
+    metric = BLEU(tokenize="none", smooth_method="none", max_ngram_order=4)
+    score = metric.corpus_score(hyp_text, streams)
+    out: dict = {}
+    for n in range(1, 5):
+        # BLEU-n from the same counts: geometric mean of p1..pn times the shared brevity penalty
+        sub = BLEU.compute_bleu(correct=score.counts[:n], total=score.totals[:n], sys_len=score.sys_len,
+                                ref_len=score.ref_len, smooth_method="none", max_ngram_order=n)
+        out[f"bleu{n}"] = sub.score
+    out["signature"] = str(metric.get_signature()) + "|tok:coco-ptb-like"
+    return out
+
+
+def _ngrams(tokens: list[str], n_max: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
+
+
+def cider_d_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], sigma: float = 6.0, n: int = 4,
+                   tokenize: bool = True) -> list[float]:
+    """CIDEr-D of each image (Vedantam et al. 2015, as in coco-caption's Cider scorer).
+
+    For n-gram orders 1..n, every sentence becomes a tf-idf vector (idf from the document frequency of
+    n-grams over the images' reference sets); the score of order k is the mean over references of the
+    cosine similarity with the hypothesis' tf-idf clipped to the reference's (min(h, r) * r / (|h||r|)),
+    times a Gaussian penalty exp(-(len_h - len_r)^2 / (2 sigma^2)); the image score is the mean over
+    orders, x10. `tokenize=False` takes the strings as already tokenized (split on whitespace).
+    """
+    _check_caption_inputs(hyps, refs)
+    split = caption_tokens if tokenize else str.split
+    hyp_counts = [_ngrams(split(h), n) for h in hyps]
+    ref_counts = [[_ngrams(split(r), n) for r in rs] for rs in refs]
+    df: Counter = Counter()
+    for rs in ref_counts:
+        df.update(set().union(*rs))
+    log_n_images = math.log(float(len(refs)))
+
+    def vectorise(counts: Counter) -> tuple[list[dict], list[float], int]:
+        vec: list[dict] = [{} for _ in range(n)]
+        norm = [0.0] * n
+        for gram, tf in counts.items():
+            k = len(gram) - 1
+            w = tf * (log_n_images - math.log(max(1.0, df[gram])))
+            vec[k][gram] = w
+            norm[k] += w * w
+        # coco-caption measures length by the number of bigrams; the difference of two lengths (all the
+        # penalty uses) equals the difference in words for any two sentences of >= 1 word.
+        length = sum(tf for gram, tf in counts.items() if len(gram) == 2)
+        return vec, [math.sqrt(x) for x in norm], length
+
+    scores = []
+    for hc, rcs in zip(hyp_counts, ref_counts):
+        vh, nh, lh = vectorise(hc)
+        total = 0.0
+        for rc in rcs:
+            vr, nr, lr = vectorise(rc)
+            penalty = math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
+            for k in range(n):
+                val = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
+                if nh[k] != 0 and nr[k] != 0:
+                    val /= nh[k] * nr[k]
+                total += val * penalty
+        scores.append(total / n / len(rcs) * 10.0)
+    return scores
+
+
+def cider_d(hyps: Sequence[str], refs: Sequence[Sequence[str]], sigma: float = 6.0) -> float:
+    """Corpus CIDEr-D: the mean of `cider_d_scores` over images (refs[i]: the references of image i)."""
+    scores = cider_d_scores(hyps, refs, sigma=sigma)
+    return sum(scores) / len(scores)
