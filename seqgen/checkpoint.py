@@ -70,6 +70,10 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     or from a newer seqgen. Returns the payload dict."""
     if not os.path.isfile(path):
         raise SeqgenError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive; anything else is not ours
+        raise SeqgenError(f"{path}: not a seqgen checkpoint" + (" (empty file)" if not magic else ""))
     try:
         outer = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated zips and for pickled code

@@ -9,7 +9,7 @@ import argparse
 import sys
 import traceback
 
-from seqgen.config import add_dataclass_flags, flags_to_dict, from_dict, load_yaml, merge
+from seqgen.config import add_dataclass_flags, add_run_flags, build_run_config, flags_to_dict, from_dict
 from seqgen.errors import SeqgenError
 
 
@@ -27,9 +27,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from seqgen.decoders.rnn import DecoderConfig
-    from seqgen.tasks.lm import LMDataConfig
-    from seqgen.train import TrainConfig
+    from seqgen.tasks.lm import LMRunConfig
 
     parser = argparse.ArgumentParser(prog="seqgen", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -38,9 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", required=True)
     lm = train.add_parser("lm", help="char/word/subword language model on a text file")
     _common_train_flags(lm)
-    add_dataclass_flags(lm, LMDataConfig, dest_prefix="data")
-    add_dataclass_flags(lm, DecoderConfig, dest_prefix="decoder")
-    add_dataclass_flags(lm, TrainConfig, dest_prefix="train")
+    add_run_flags(lm, LMRunConfig)
 
     gen = sub.add_parser("generate", help="continue a prompt with a language model")
     gen.add_argument("checkpoint")
@@ -50,7 +46,63 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(gen)
 
     # -- translation commands (seqgen.tasks.translation) --
+    from seqgen.tasks.translation import DEFAULT_MAX_SRC_LEN, TranslationRunConfig
+    tr = train.add_parser("translation", help="RNN encoder-decoder with attention on parallel text",
+                          description="Encoder flags are --enc-*, decoder and training flags are unprefixed, "
+                                      "the decoding used for validation BLEU is --eval-* (greedy by default).")
+    _common_train_flags(tr)
+    add_run_flags(tr, TranslationRunConfig, prefixes={"encoder": "enc-", "eval": "eval-"})
+
+    for name, help_text in (("translate", "translate text with a translation model (files or stdin/stdout)"),
+                            ("evaluate", "sacreBLEU BLEU and chrF of a translation model on a test set")):
+        p = sub.add_parser(name, help=help_text,
+                           description="Beam search with --beam 5 unless --greedy, --beam N or --temperature T "
+                                       "(sampling) is given.")
+        p.add_argument("checkpoint", help="a translation checkpoint (best.pt)")
+        if name == "translate":
+            p.add_argument("input", nargs="?", default="-", help="source file, one sentence per line (default: stdin)")
+            p.add_argument("--out", default="-", help="write translations here (default: stdout); with --n-best N, "
+                                                      "N lines per sentence: line<TAB>score<TAB>translation")
+            p.add_argument("--attention-png", metavar="DIR", help="save an attention heatmap per sentence in DIR")
+        else:
+            p.add_argument("--src", required=True, help="source file, one sentence per line")
+            p.add_argument("--ref", required=True, help="reference translations, aligned with --src")
+            p.add_argument("--out", help="also save the translations to this file")
+            p.add_argument("--json", action="store_true", help="print one JSON object instead of sacreBLEU lines")
+        p.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
+        p.add_argument("--batch-size", type=int, default=64, help="sentences decoded at once (default: 64)")
+        p.add_argument("--max-src-len", type=int, default=DEFAULT_MAX_SRC_LEN,
+                       help=f"longer sources (in tokens) are truncated with a warning (default: {DEFAULT_MAX_SRC_LEN})")
+        _add_generation_flags(p, skip=("n_best",) if name == "evaluate" else ())
     # -- captioning commands (seqgen.tasks.captioning) --
+    from seqgen.tasks.captioning import CaptionRunConfig
+    cap = train.add_parser("captioning", help="CNN image encoder + attentional decoder on an image folder and captions",
+                           description="Data flags name the images, captions and splits; --backbone/--weights/--freeze "
+                                       "choose the CNN (--weights auto = ImageNet weights where available); decoder "
+                                       "and training flags are unprefixed; the decoding used for validation "
+                                       "CIDEr-D/BLEU is --eval-* (greedy by default).")
+    _common_train_flags(cap)
+    add_run_flags(cap, CaptionRunConfig, prefixes={"eval": "eval-"}, skip={"encoder": ("weights_file",)})
+    cap.add_argument("--backbone-weights", metavar="FILE", dest="encoder.weights_file", default=argparse.SUPPRESS,
+                     help="load the backbone from this local state_dict file instead of --weights")
+
+    c = sub.add_parser("caption", help="caption images or whole folders with a captioning model",
+                       description="Writes one record per image to --out (JSONL or CSV by extension), flushed per "
+                                   "batch; rerunning skips images already there. Beam search with --beam 5 unless "
+                                   "--greedy, --beam N or --temperature T is given.")
+    c.add_argument("checkpoint", help="a captioning checkpoint (best.pt)")
+    c.add_argument("inputs", nargs="+", metavar="FOLDER_OR_FILE", help="image folders and/or image files")
+    c.add_argument("--out", required=True, help="captions.jsonl ({image, caption, score} per line) or captions.csv")
+    c.add_argument("--batch-size", type=int, default=64, help="images per CNN + beam search batch (default: 64)")
+    c.add_argument("--num-workers", type=int, default=2, help="image decoding processes (default: 2)")
+    c.add_argument("--recursive", action="store_true", help="also caption images in subfolders")
+    c.add_argument("--follow-symlinks", action="store_true", help="follow symlinks that leave the input folder")
+    c.add_argument("--overwrite", action="store_true", help="start --out over instead of continuing it")
+    c.add_argument("--skipped", metavar="FILE", help="also write the unreadable images here (path<TAB>reason)")
+    c.add_argument("--attention-png", metavar="DIR", help="save a PNG per image: each word's attention over the image")
+    c.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_generation_flags(c, skip=("n_best",))
 
     demo = sub.add_parser("demo", help="train a small model on bundled text and generate (offline, < 1 min)")
     demo.add_argument("--seconds", type=float, default=40.0, help="training budget (default: 40)")
@@ -59,16 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_config(cls, args: argparse.Namespace):
-    """defaults < --config YAML < typed flags."""
-    data = load_yaml(args.config) if getattr(args, "config", None) else {}
-    flags = flags_to_dict(args)
-    return from_dict(cls, merge(data, flags), where=args.config or "flags"), flags
-
-
 def cmd_train_lm(args: argparse.Namespace) -> int:
     from seqgen.tasks.lm import LMRunConfig, train_lm
-    run, flags = _run_config(LMRunConfig, args)
+    run, flags = build_run_config(LMRunConfig, args)
     if not args.resume and not run.data.text:
         raise SeqgenError("--text is required: the UTF-8 text file to train on")
     state = train_lm(run, args.out, resume=args.resume, overrides=flags)
@@ -109,10 +154,175 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- translation handlers --
+def cmd_train_translation(args: argparse.Namespace) -> int:
+    from seqgen.tasks.translation import TranslationRunConfig, train_translation
+    run, overrides = build_run_config(TranslationRunConfig, args)
+    state = train_translation(run, args.out, resume=args.resume, overrides=overrides)
+    best = f"{state.best:.2f}" if state.best is not None else "n/a"
+    print(f"done: {state.step} steps, best validation BLEU {best}; model in {args.out}/best.pt")
+    return 0
+
+
+def _translation_gen(args: argparse.Namespace):
+    """--greedy | --beam N | --temperature T (sampling); beam 5 when none is given."""
+    import dataclasses
+
+    from seqgen.model import GenerationConfig
+    gen = from_dict(GenerationConfig, flags_to_dict(args).get("gen", {}), where="flags")
+    typed = vars(args)
+    if args.greedy:
+        if ("gen.beam" in typed and gen.beam > 1) or ("gen.temperature" in typed and gen.temperature > 0):
+            raise SeqgenError("--greedy cannot be combined with --beam N or --temperature T")
+        gen = dataclasses.replace(gen, beam=1, temperature=0.0)
+    elif gen.temperature == 0 and "gen.beam" not in typed:
+        gen = dataclasses.replace(gen, beam=5)
+    gen.validate()
+    return gen
+
+
+def _read_source(path: str) -> list[str]:
+    from seqgen.data.text import decode_utf8, read_lines
+    if path != "-":
+        return read_lines(path, allow_empty=True)
+    lines = decode_utf8(sys.stdin.buffer.read(), "<stdin>").replace("\r\n", "\n").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def _write_text(path: str, text: str) -> None:
+    """stdout for '-', else an atomic write (a failed run never leaves half a file)."""
+    import os
+    import tempfile
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SeqgenError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def _load_translation_model(args: argparse.Namespace):
+    from seqgen.model import load_model
+    from seqgen.train import resolve_device
+    return load_model(args.checkpoint, device=resolve_device(args.device), task="translation")
+
+
+def _warn(message: str) -> None:
+    print(f"seqgen: warning: {message}", file=sys.stderr)
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    import os
+
+    from seqgen.tasks.translation import translate_nbest
+    gen = _translation_gen(args)
+    if args.out != "-" and args.input != "-" and os.path.abspath(args.out) == os.path.abspath(args.input):
+        raise SeqgenError(f"--out {args.out} is the input file; choose another output (nothing was written)")
+    model = _load_translation_model(args)
+    if args.attention_png:
+        from seqgen.plots import require_matplotlib
+        require_matplotlib()
+        if model.decoder.attention is None:
+            raise SeqgenError(f"{args.checkpoint}: this model has no attention (--attention none); "
+                              f"there are no attention maps to draw")
+        try:
+            os.makedirs(args.attention_png, exist_ok=True)
+        except OSError as e:
+            raise SeqgenError(f"--attention-png {args.attention_png}: cannot create the folder "
+                              f"({e.strerror or e})") from None
+    sentences = _read_source(args.input)
+    results = translate_nbest(model, sentences, gen, batch_size=args.batch_size, max_src_len=args.max_src_len,
+                              seed=args.seed, warn=_warn)
+    if gen.n_best > 1:
+        text = "".join(f"{i}\t{h.score:.4f}\t{h.text}\n" for i, hyps in enumerate(results, 1) for h in hyps)
+    else:
+        text = "".join(hyps[0].text + "\n" for hyps in results)
+    _write_text(args.out, text)
+    if args.attention_png:
+        from seqgen.plots import attention_heatmap
+        drawn = 0
+        for i, (source, hyps) in enumerate(zip(sentences, results), 1):
+            best = hyps[0]
+            if best.attention is None or not best.target_tokens:
+                continue
+            title = source if len(source) <= 80 else source[:77] + "..."
+            attention_heatmap(best.attention, best.source_tokens, best.target_tokens,
+                              os.path.join(args.attention_png, f"{i:05d}.png"), title=title)
+            drawn += 1
+        print(f"seqgen: {drawn} attention map(s) in {args.attention_png}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from seqgen.data.text import read_lines
+    from seqgen.tasks.translation import corpus_scores, translate
+    gen = _translation_gen(args)
+    src, ref = read_lines(args.src), read_lines(args.ref)
+    if len(src) != len(ref):
+        raise SeqgenError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)} "
+                          f"— the files must be aligned line by line")
+    model = _load_translation_model(args)
+    hyps = translate(model, src, gen, batch_size=args.batch_size, max_src_len=args.max_src_len, seed=args.seed,
+                     warn=_warn)
+    if args.out:
+        _write_text(args.out, "".join(h + "\n" for h in hyps))
+    scores = corpus_scores(hyps, ref)
+    if args.json:
+        print(json.dumps({"bleu": scores["bleu"], "chrf": scores["chrf"], "sentences": len(src),
+                          "bleu_signature": scores["bleu_line"].split(" = ")[0],
+                          "chrf_signature": scores["chrf_line"].split(" = ")[0],
+                          "beam": gen.beam, "temperature": gen.temperature}))
+    else:
+        print(scores["bleu_line"])
+        print(scores["chrf_line"])
+    return 0
+
+
 # -- captioning handlers --
+def cmd_train_captioning(args: argparse.Namespace) -> int:
+    from seqgen.tasks.captioning import CaptionRunConfig, train_captioning
+    run, overrides = build_run_config(CaptionRunConfig, args)
+    state = train_captioning(run, args.out, resume=args.resume, overrides=overrides)
+    best = f"{state.best:.3f}" if state.best is not None else "n/a"
+    print(f"done: {state.step} steps, best validation CIDEr-D {best}; model in {args.out}/best.pt")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from seqgen.model import load_model
+    from seqgen.tasks.captioning import caption_folder, output_format
+    from seqgen.train import resolve_device
+    gen = _translation_gen(args)   # the same --greedy | --beam N | --temperature T rules, beam 5 by default
+    output_format(args.out)        # an unknown extension fails before the model is loaded
+    model = load_model(args.checkpoint, device=resolve_device(args.device), task="captioning")
+    try:
+        summary = caption_folder(model, args.inputs, args.out, gen, batch_size=args.batch_size,
+                                 num_workers=args.num_workers, recursive=args.recursive,
+                                 follow_symlinks=args.follow_symlinks, resume=not args.overwrite,
+                                 attention_png_dir=args.attention_png, skipped_path=args.skipped,
+                                 progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"seqgen: interrupted; {args.out} holds every finished batch: run the same command again to "
+              f"continue", file=sys.stderr)
+        return 130
+    if not summary.ok:
+        print(f"seqgen: error: no image could be captioned ({len(summary.skipped)} skipped)", file=sys.stderr)
+        return 1
+    return 0
 
 COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate, ("demo", None): cmd_demo}
 # COMMANDS.update(...) lines for translation / captioning go here
+COMMANDS.update({("train", "captioning"): cmd_train_captioning, ("caption", None): cmd_caption})
+COMMANDS.update({("train", "translation"): cmd_train_translation, ("translate", None): cmd_translate,
+                 ("evaluate", None): cmd_evaluate})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,17 +101,20 @@ def _parse_bool(text: str) -> bool:
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "",
-                        dest_prefix: str, skip: tuple[str, ...] = ()) -> None:
+                        dest_prefix: str, skip: tuple[str, ...] = (), defaults: Any = None) -> None:
     """Add one `--{prefix}{field}` flag per field of `cls`. Defaults are suppressed so that only
-    flags the user typed override the YAML file; the dataclass default applies otherwise."""
+    flags the user typed override the YAML file; `defaults` (an instance) is what --help shows."""
     hints = _resolved_types(cls)
-    group = parser.add_argument_group(cls.__name__)
+    group = parser.add_argument_group(f"{dest_prefix} ({cls.__name__})")
     for f in dataclasses.fields(cls):
         if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
             continue
         tp, choices = _flag_type(hints[f.name])
         flag = "--" + (prefix + f.name).replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else None
         doc = f"(default: {default})"
         if tp == "bool":
             group.add_argument(flag, dest=f"{dest_prefix}.{f.name}", type=_parse_bool, nargs="?", const=True,
@@ -119,6 +122,31 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: s
         else:
             group.add_argument(flag, dest=f"{dest_prefix}.{f.name}", type=tp, choices=choices,
                                default=argparse.SUPPRESS, help=doc)
+
+
+def add_run_flags(parser: argparse.ArgumentParser, run_cls: type, *, prefixes: dict[str, str] | None = None,
+                  skip: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Flags for every section (a dataclass field) of a task's run config, with the run's own defaults.
+
+    prefixes: section -> flag prefix (e.g. {"encoder": "enc-"}); sections without one are unprefixed.
+    """
+    defaults = run_cls()
+    hints = _resolved_types(run_cls)
+    for f in dataclasses.fields(run_cls):
+        add_dataclass_flags(parser, hints[f.name], prefix=(prefixes or {}).get(f.name, ""), dest_prefix=f.name,
+                            skip=(skip or {}).get(f.name, ()), defaults=getattr(defaults, f.name))
+
+
+def build_run_config(run_cls: type[T], args: argparse.Namespace) -> tuple[T, dict]:
+    """The run config from: the task's defaults < the --config YAML file < the flags typed.
+
+    Returns the config and the overrides (YAML + flags) so a resumed run can apply them over its saved config.
+    """
+    path = getattr(args, "config", None)
+    overrides = merge(load_yaml(path) if path else {}, flags_to_dict(args))
+    # Merging over the full default dict keeps a task's section defaults (e.g. the LM's 2-layer decoder)
+    # when only some keys of a section are given.
+    return from_dict(run_cls, merge(to_dict(run_cls()), overrides), where=path or "flags"), overrides
 
 
 def flags_to_dict(args: argparse.Namespace) -> dict:

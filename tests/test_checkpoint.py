@@ -77,3 +77,10 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
+
+
+def test_text_and_empty_files_are_not_checkpoints(tmp_path):
+    for name, data in (("log.jsonl", b'{"step": 1}\n'), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(SeqgenError, match="not a seqgen checkpoint"):
+            load_checkpoint(str(tmp_path / name))

@@ -84,3 +84,31 @@ def test_demo_runs_offline(tmp_path):
     proc = run_cli("demo", "--seconds", 4, "--out", tmp_path / "demo", timeout=240)
     assert "temperature 0.5" in proc.stdout and "beam search" in proc.stdout
     assert (tmp_path / "demo" / "best.pt").exists()
+
+
+@pytest.mark.parametrize("level", ["word", "subword"])
+def test_word_and_subword_levels_train_and_generate(tmp_path, level):
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat .\nthe dog sat on the log .\n" * 30, encoding="utf-8")
+    out = tmp_path / level
+    run_cli("train", "lm", "--text", text, "--level", level, "--vocab-size", 40, "--out", out, "--hidden", 32,
+            "--emb", 16, "--layers", 1, "--seq-len", 16, "--batch-size", 8, "--max-steps", 60,
+            "--eval-every", 60, "--lr", "0.02", "--progress", "false")
+    gen = run_cli("generate", out / "best.pt", "--prompt", "the cat", "--greedy", "--max-len", 12).stdout
+    assert gen.startswith("the cat")
+
+
+def test_checkpoint_of_another_task_is_refused(tmp_path):
+    from seqgen.checkpoint import save_checkpoint
+    from seqgen.decoders.rnn import DecoderConfig
+    from seqgen.encoders.rnn import RNNEncoderConfig
+    from seqgen.model import ModelConfig, Seq2Seq
+    from seqgen.tokenizers import TextCodec
+
+    codec = TextCodec.build("word", ["a b c"])
+    model = Seq2Seq(ModelConfig(task="translation", decoder=DecoderConfig(emb=8, hidden=8),
+                                text_encoder=RNNEncoderConfig(emb=8, hidden=8)), tgt=codec, src=codec)
+    save_checkpoint(str(tmp_path / "mt.pt"), model.to_payload())
+    proc = run_cli("generate", tmp_path / "mt.pt", "--prompt", "a", check=False)
+    assert proc.returncode == 2 and "'translation' checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr

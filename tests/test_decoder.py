@@ -28,7 +28,10 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("kw", CONFIGS)
-def test_forward_equals_repeated_step(kw):
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "no_grad_2_threads"])
+def test_forward_equals_repeated_step(kw, mode):
+    """Teacher forcing == stepping, including the small-batch inference path (no_grad, B <= 4) with its
+    weights split across threads."""
     torch.manual_seed(0)
     cfg = DecoderConfig(**{"emb": 16, "hidden": 20, "dropout": 0.1, **kw})
     dec = RNNDecoder(cfg, V, enc_state_size=HE, memory_size=HE).eval()
@@ -37,11 +40,27 @@ def test_forward_equals_repeated_step(kw):
     logits, final = dec(tokens, dec.init_state(enc, B), enc)
     assert logits.shape == (B, T, V)
     state, enc_p = dec.init_state(enc, B), dec.prepare(enc)
+    threads = torch.get_num_threads()
+    if mode == "no_grad_2_threads":
+        torch.set_num_threads(2)
+    try:
+        with torch.set_grad_enabled(mode == "grad"):
+            steps = [None] * T
+            for t in range(T):
+                steps[t], state = dec.step(tokens[:, t], state, enc_p)
+    finally:
+        torch.set_num_threads(threads)
+    state_h = state.h
+    state = dec.init_state(enc, B)
     for t in range(T):
-        lp, state = dec.step(tokens[:, t], state, enc_p)
+        lp = steps[t]
         assert lp.shape == (B, V)
         torch.testing.assert_close(lp, torch.log_softmax(logits[:, t], -1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(state.h, final.h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state_h, final.h, atol=1e-5, rtol=1e-5)
+    state = dec.init_state(enc, B)
+    with torch.no_grad():
+        for t in range(T):
+            _, state = dec.step(tokens[:, t], state, enc_p)
     if cfg.attention != "none":
         assert state.attn.shape == (B, S)
         # padding positions get no attention, and weights sum to one
@@ -82,3 +101,16 @@ def test_bridge_uses_encoder_state():
 def test_luong_dot_size_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="luong_dot"):
         RNNDecoder(DecoderConfig(hidden=20, attention="luong_dot"), V, memory_size=HE)
+
+
+def test_small_batch_cache_follows_weight_updates():
+    """The blocked weight copy used at batch <= 4 must never serve stale weights after training."""
+    torch.manual_seed(0)
+    dec = RNNDecoder(DecoderConfig(emb=8, hidden=12, cell="lstm", layers=2, dropout=0.0), V).eval()
+    tok = torch.tensor([3])
+    with torch.no_grad():
+        before, _ = dec.step(tok, dec.init_state(None, 1))
+        dec.rnn.weight_hh_l0.add_(0.5)          # in place, as an optimiser step does
+        after, _ = dec.step(tok, dec.init_state(None, 1))
+        ref, _ = dec(tok.unsqueeze(1), dec.init_state(None, 1))
+    torch.testing.assert_close(after, torch.log_softmax(ref[:, 0], -1), atol=1e-5, rtol=1e-5)
