@@ -318,6 +318,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         return 1
     return 0
 
+
 COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate, ("demo", None): cmd_demo}
 # COMMANDS.update(...) lines for translation / captioning go here
 COMMANDS.update({("train", "captioning"): cmd_train_captioning, ("caption", None): cmd_caption})

@@ -123,12 +123,13 @@ __all__ = ["attention_heatmap", "loss_curve", "read_metrics", "require_matplotli
 
 
 def image_attention_map(image: Any, attention: Any, words: Sequence[str], grid: tuple[int, int], path: str, *,
-                        title: str | None = None, columns: int = 5) -> str:
+                        title: str | None = None, columns: int = 5, max_words: int = 40) -> str:
     """Save where each generated word of a caption looked: one panel per word, the image with that word's
     attention over the image grid laid over it (upsampled smoothly), plus the plain image first.
 
     image: [H, W, 3] floats in [0, 1] (or a PIL image); attention: [len(words), h * w] weights;
-    grid: (h, w), row-major as the encoder flattens it. Returns `path`.
+    grid: (h, w), row-major as the encoder flattens it. Only the first `max_words` words get a panel.
+    Returns `path`.
     """
     import numpy as np
 
@@ -141,6 +142,7 @@ def image_attention_map(image: Any, attention: Any, words: Sequence[str], grid: 
     if weights.shape != (len(words), h * w):
         raise ValueError(f"attention has shape {tuple(weights.shape)} but there are {len(words)} words and a "
                          f"{h}x{w} grid")
+    words, weights = list(words)[:max_words], weights[:max_words]
     panels = 1 + len(words)
     cols = max(1, min(columns, panels))
     rows = -(-panels // cols)

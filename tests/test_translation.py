@@ -46,7 +46,7 @@ def write_task(folder, task: str, n_train: int = 10000, seed: int = 0) -> dict:
     return paths
 
 
-def tiny_run(paths: dict, *, steps: int = 600, attention: str = "bahdanau", input_feeding: bool = False,
+def tiny_run(paths: dict, *, steps: int = 800, attention: str = "bahdanau", input_feeding: bool = False,
              **data_kw) -> TranslationRunConfig:
     data = dict(src_train=paths["train"][0], tgt_train=paths["train"][1], src_valid=paths["valid"][0],
                 tgt_valid=paths["valid"][1], level="word", batch_size=64)

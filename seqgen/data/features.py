@@ -52,7 +52,10 @@ def cache_fingerprint(names: Sequence[str], image_paths: Sequence[str], encoder:
                       transform: Callable, dtype: str) -> str:
     """A digest of everything the cached features depend on (see the module docstring)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"version": FORMAT_VERSION, "encoder": dataclasses.asdict(encoder.config),
+    # Where the weights came from (enum name, file) does not matter, only what they are: the digest says
+    # that, so a resumed or reloaded model (whose config no longer names a weights source) reuses the cache.
+    config = {k: v for k, v in dataclasses.asdict(encoder.config).items() if k not in ("weights", "weights_file")}
+    h.update(json.dumps({"version": FORMAT_VERSION, "encoder": config,
                          "weights": _weights_digest(encoder), "transform": repr(transform),
                          "dtype": dtype}, sort_keys=True).encode())
     for name, path in zip(names, image_paths):

@@ -62,6 +62,10 @@ class RNNDecoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.output = nn.Linear(self.out_size, vocab_size)
         if cfg.tie_embeddings:
+            # N(0, 1) embeddings would make the tied output layer's first logits huge (loss far above ln V)
+            nn.init.normal_(self.embed.weight, std=cfg.emb ** -0.5)
+            with torch.no_grad():
+                self.embed.weight[pad_id].zero_()
             self.output.weight = self.embed.weight
 
     # -- state ---------------------------------------------------------------------------------------
@@ -102,16 +106,17 @@ class RNNDecoder(nn.Module):
         weights split across the CPU threads (see `_small_batch_matmul`); otherwise the fused cell kernels."""
         inp, hs, cs = x[:, 0], [], []
         small = inp.size(0) <= 4 and not torch.is_grad_enabled() and inp.device.type == "cpu"
+        flat = self.rnn._flat_weights  # [w_ih, w_hh, b_ih, b_hh] per layer; cheaper than 4 getattr per layer
         for k in range(self.cfg.layers):
-            w_ih, w_hh, b_ih, b_hh = (getattr(self.rnn, f"{n}_l{k}")
-                                      for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            w_ih, w_hh, b_ih, b_hh = flat[4 * k:4 * k + 4]
             h = state.h[:, k]
             if self.cfg.cell == "lstm":
                 if small:
                     gates = self._small_batch_matmul(torch.cat([inp, h], dim=1), (w_ih, w_hh), (b_ih, b_hh))
-                    i, f, g, o = gates.chunk(4, dim=1)
-                    c = torch.sigmoid(f) * state.c[:, k] + torch.sigmoid(i) * torch.tanh(g)
-                    inp = torch.sigmoid(o) * torch.tanh(c)
+                    H = h.size(1)  # gate order i, f, g, o; one sigmoid over all four is cheaper than three calls
+                    act = torch.sigmoid(gates)
+                    c = torch.addcmul(act[:, H:2 * H] * state.c[:, k], act[:, :H], torch.tanh(gates[:, 2 * H:3 * H]))
+                    inp = act[:, 3 * H:] * torch.tanh(c)
                 else:
                     inp, c = torch.lstm_cell(inp, (h, state.c[:, k]), w_ih, w_hh, b_ih, b_hh)
                 cs.append(c)
@@ -136,8 +141,8 @@ class RNNDecoder(nn.Module):
         parts = max(1, min(torch.get_num_threads(), 8))
         rows = weights[0].size(0)
         cache = self.__dict__.setdefault("_blocked", {})
-        key = tuple(w.data_ptr() for w in weights) + (parts,)
-        versions = tuple(w._version for w in weights + biases)
+        key = (weights[0].data_ptr(), parts)
+        versions = [w._version for w in weights + biases] + [w.data_ptr() for w in weights + biases]
         hit = cache.get(key)
         if hit is None or hit[0] != versions:
             w = torch.cat([w.detach() for w in weights], dim=1)                  # [G, I]
@@ -168,7 +173,9 @@ class RNNDecoder(nn.Module):
         tokens: [B, T] input ids (bos first).  Returns logits [B, T, V] and the state after the last token
         (its `attn` holds the last step's attention weights [B, S]).
         """
-        x = self.dropout(self.embed(tokens))
+        x = self.embed(tokens)
+        if self.training:
+            x = self.dropout(x)
         if self.attention is not None and enc is not None and enc.keys is None:
             enc = self.prepare(enc)
         if state.feed is None:
@@ -186,7 +193,7 @@ class RNNDecoder(nn.Module):
                 feed, last_attn = o_t[:, 0], w[:, 0]
                 outs.append(o_t)
             o = torch.cat(outs, dim=1)
-        logits = self.output(self.dropout(o))
+        logits = self.output(self.dropout(o) if self.training else o)
         return logits, DecoderState(h=h, c=c, feed=feed, attn=last_attn)
 
     def step(self, tokens: Tensor, state: DecoderState,

@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Benchmark: image captioning on Flickr8k (issue #4's targets) — quality and folder throughput.
+
+    python scripts/bench_captioning.py --data-dir ../shared/data/flickr8k --minutes 60
+    SEQGEN_DATA=../shared/data python scripts/bench_captioning.py --minutes 60
+    python scripts/bench_captioning.py --data-dir ../shared/data/flickr8k --minutes 2 --max-images 200   # smoke
+
+1. Quality: a frozen ImageNet efficientnet_lite0 + attention decoder trained on `train.txt` (validation CIDEr-D
+   on `val.txt` picks the checkpoint), scored on `test.txt` with beam 5: caption BLEU-1..4 and CIDEr-D against
+   all references. The --minutes budget covers everything up to the test scores: feature extraction for all
+   three splits, training, validation and the test decoding (training gets what the rest leaves).
+2. Throughput: `caption_folder` on --throughput-images Flickr8k JPEGs (decode in workers + CNN + beam 5 +
+   writing JSONL) at --throughput-batch 64, next to the CNN forward alone on the same, already decoded images
+   (the bound) and the beam search alone on their features.
+
+Prints one table and writes OUT/bench.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+
+def default_data_dir() -> str | None:
+    root = os.environ.get("SEQGEN_DATA")
+    return os.path.join(root, "flickr8k") if root else None
+
+
+def limited_split(path: str, out_dir: str, n: int) -> str:
+    """The first n names of a split file (a smoke run), written under out_dir; the file itself when n == 0."""
+    if not n:
+        return path
+    from seqgen.data.images import read_split
+    os.makedirs(out_dir, exist_ok=True)
+    dest = os.path.join(out_dir, os.path.basename(path))
+    with open(dest, "w", encoding="utf-8") as f:
+        f.writelines(name + "\n" for name in read_split(path)[:n])
+    return dest
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--data-dir", default=default_data_dir(), help="Flickr8k folder (default: $SEQGEN_DATA/flickr8k)")
+    p.add_argument("--minutes", type=float, default=60.0, help="budget for part 1, feature extraction included")
+    p.add_argument("--out", default="runs/bench_captioning")
+    p.add_argument("--feature-cache", default="", help="feature cache folder (default: OUT/features)")
+    p.add_argument("--max-images", type=int, default=0, help="use only the first N images of each split (smoke)")
+    p.add_argument("--reserve-minutes", type=float, default=0.0,
+                   help="budget kept for what the trainer's clock does not count: reading batches, validation, "
+                        "checkpoints, test features and decoding (default: 12%% of --minutes, at least 1)")
+    p.add_argument("--cell", default="lstm", choices=["lstm", "gru"])
+    p.add_argument("--emb", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--attention", default="luong_general", choices=["bahdanau", "luong_general"])
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--min-freq", type=int, default=5)
+    p.add_argument("--eval-every", type=int, default=2000)
+    p.add_argument("--valid-limit", type=int, default=500, help="validation images decoded per evaluation")
+    p.add_argument("--beam", type=int, default=5, help="beam for the test scores and the throughput run")
+    p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha for the beam (0 = raw log-prob)")
+    p.add_argument("--max-len", type=int, default=30)
+    p.add_argument("--throughput-images", type=int, default=1000, help="0 skips part 2")
+    p.add_argument("--throughput-batch", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--skip-train", action="store_true", help="reuse OUT/best.pt from an earlier run")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args()
+    if not args.data_dir or not os.path.isdir(args.data_dir):
+        print(f"bench_captioning.py: Flickr8k not found at {args.data_dir!r}; pass --data-dir or set SEQGEN_DATA",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from seqgen.data.features import FeatureCache
+    from seqgen.data.images import read_split
+    from seqgen.decoders.rnn import DecoderConfig
+    from seqgen.encoders.cnn import CNNEncoderConfig, CNNImageEncoder, build_transform
+    from seqgen.errors import SeqgenError
+    from seqgen.metrics import caption_bleu, cider_d
+    from seqgen.model import GenerationConfig, load_model
+    from seqgen.tasks.captioning import (CaptionDataConfig, CaptionRunConfig, caption_folder, caption_tensor,
+                                         load_splits, resolve_weights, train_captioning)
+    from seqgen.train import TrainConfig
+
+    t_start = time.perf_counter()
+    d = args.data_dir
+    splits_dir = os.path.join(args.out, "splits")
+    train_split = limited_split(os.path.join(d, "train.txt"), splits_dir, args.max_images)
+    valid_split = limited_split(os.path.join(d, "val.txt"), splits_dir, args.max_images)
+    test_split = limited_split(os.path.join(d, "test.txt"), splits_dir, args.max_images)
+    cache_dir = args.feature_cache or os.path.join(args.out, "features")
+    run = CaptionRunConfig(
+        data=CaptionDataConfig(images=os.path.join(d, "images"), captions=os.path.join(d, "captions.tsv"),
+                               train_split=train_split, valid_split=valid_split, min_freq=args.min_freq,
+                               batch_size=args.batch_size, valid_limit=args.valid_limit, feature_cache=cache_dir,
+                               num_workers=args.num_workers),
+        encoder=resolve_weights(CNNEncoderConfig(backbone="efficientnet_lite0", weights="imagenet", freeze=True)),
+        decoder=DecoderConfig(cell=args.cell, emb=args.emb, hidden=args.hidden, attention=args.attention,
+                              dropout=args.dropout),
+        train=TrainConfig(lr=args.lr, warmup_steps=200, schedule="cosine", label_smoothing=args.label_smoothing,
+                          max_steps=10 ** 7, eval_every=args.eval_every, checkpoint_every=args.eval_every,
+                          log_every=200, patience=0, seed=args.seed, progress=False),
+        eval=GenerationConfig(beam=1, max_len=args.max_len))
+    test_gen = GenerationConfig(beam=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
+    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                                f"{torch.get_num_threads()} torch threads", "beam": args.beam}
+
+    # -- 1. quality ---------------------------------------------------------------------------------
+    try:
+        splits = load_splits(run.data, args.seed)
+        test_names = read_split(test_split)
+        best = os.path.join(args.out, "best.pt")
+        if not args.skip_train and os.path.exists(os.path.join(args.out, "last.pt")):
+            raise SeqgenError(f"{args.out} already holds a run: pass --skip-train to score its best.pt, or "
+                              f"choose another --out")
+        if not args.skip_train:
+            # Features first (the same caches train_captioning reuses), so that training gets the rest of the budget.
+            torch.manual_seed(args.seed)
+            encoder = CNNImageEncoder(run.encoder)
+            transform = build_transform(run.encoder)
+            t0 = time.perf_counter()
+            valid_names = splits.valid[:args.valid_limit] if args.valid_limit else splits.valid
+            # (the test features are computed after training, from best.pt, inside the reserve)
+            for what, names in (("train", splits.train), ("valid", valid_names)):
+                FeatureCache.build(os.path.join(cache_dir, what), names, [splits.path(n) for n in names], encoder,
+                                   transform, batch_size=64, num_workers=args.num_workers, progress=True)
+            results["feature_seconds"] = time.perf_counter() - t0
+            del encoder
+            reserve = args.reserve_minutes or max(1.0, 0.12 * args.minutes)
+            left = args.minutes - (time.perf_counter() - t_start) / 60 - reserve
+            if left <= 0:
+                raise SeqgenError(f"--minutes {args.minutes} is used up by feature extraction and the reserve")
+            run = dataclasses.replace(run, train=dataclasses.replace(run.train, time_budget=left))
+            print(f"features: {results['feature_seconds']:.0f}s; training for {left:.1f} min", file=sys.stderr)
+            state = train_captioning(run, args.out, log=lambda m: print(m, file=sys.stderr))
+            results.update(train_steps=state.step, train_minutes=state.train_seconds / 60,
+                           best_valid_cider=state.best)
+        model = load_model(best, task="captioning")
+        test_cache = FeatureCache.build(os.path.join(cache_dir, "test"), test_names,
+                                        [splits.path(n) for n in test_names],
+                                        model.encoder, build_transform(model.config.image_encoder), batch_size=64,
+                                        num_workers=args.num_workers, progress=False)
+        t0 = time.perf_counter()
+        hyps = []
+        rows = test_cache.rows(test_names)
+        for i in range(0, len(rows), 100):
+            hyps += [c.text for c in caption_tensor(model, test_cache.get_rows(rows[i:i + 100]), test_gen)]
+        refs = [splits.captions[n] for n in test_names]
+        bleu = caption_bleu(hyps, refs)
+        results.update({f"test_bleu{n}": bleu[f"bleu{n}"] for n in range(1, 5)})
+        results["test_cider"] = cider_d(hyps, refs)
+        results["test_decode_seconds"] = time.perf_counter() - t0
+        results["part1_wall_minutes"] = (time.perf_counter() - t_start) / 60
+        results["bleu_signature"] = bleu["signature"]
+        with open(os.path.join(args.out, "test_captions.jsonl"), "w", encoding="utf-8") as f:
+            for n, h in zip(test_names, hyps):
+                f.write(json.dumps({"image": n, "caption": h}) + "\n")
+    except SeqgenError as e:
+        print(f"bench_captioning.py: error: {e}", file=sys.stderr)
+        return 2
+
+    # -- 2. throughput ------------------------------------------------------------------------------
+    if args.throughput_images:
+        from seqgen.data.images import load_image
+        names = (test_names + splits.valid + splits.train)[:args.throughput_images]
+        files = [splits.path(n) for n in names]
+        out_jsonl = os.path.join(args.out, "throughput_captions.jsonl")
+        warm = build_transform(model.config.image_encoder)
+        caption_tensor(model, torch.stack([warm(load_image(f)) for f in files[:8]]), test_gen)   # warm-up
+        summary = caption_folder(model, files, out_jsonl, test_gen, batch_size=args.throughput_batch,
+                                 num_workers=args.num_workers, resume=False, progress=False,
+                                 log=lambda m: print(m, file=sys.stderr))
+        results["folder_images"] = summary.captioned
+        results["folder_images_per_s"] = summary.images_per_second
+
+        # the bound: the CNN forward alone on the same images, decoded beforehand
+        transform = build_transform(model.config.image_encoder)
+        n_bound = min(len(files), 4 * args.throughput_batch)
+        images = torch.stack([transform(load_image(f, draft_size=transform.image_size)) for f in files[:n_bound]])
+        encoder = model.encoder.eval()
+        with torch.inference_mode():
+            encoder(images[:args.throughput_batch])                     # warm-up
+            t0 = time.perf_counter()
+            feats = [encoder(images[i:i + args.throughput_batch]) for i in range(0, n_bound, args.throughput_batch)]
+            cnn = time.perf_counter() - t0
+        results["cnn_images_per_s"] = n_bound / cnn
+        t0 = time.perf_counter()
+        for f in feats:
+            caption_tensor(model, f, test_gen)
+        results["beam_images_per_s"] = n_bound / (time.perf_counter() - t0)
+        results["ratio_to_bound"] = results["folder_images_per_s"] / results["cnn_images_per_s"]
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    rows = [("machine", results["machine"])]
+    if "feature_seconds" in results:
+        rows += [("feature extraction (train + val)", f"{results['feature_seconds']:.0f} s"),
+                 ("training", f"{results['train_steps']} steps in {results['train_minutes']:.1f} min"),
+                 ("best validation CIDEr-D (greedy)", f"{results['best_valid_cider']:.3f}")]
+    rows += [(f"part 1 wall time (budget {args.minutes:g} min)", f"{results['part1_wall_minutes']:.1f} min")]
+    rows += [(f"test BLEU-{n} (beam {args.beam}, {len(test_names)} images)", f"{results[f'test_bleu{n}']:.2f}")
+             for n in range(1, 5)]
+    rows += [(f"test CIDEr-D (beam {args.beam})", f"{results['test_cider']:.3f}")]
+    if args.throughput_images:
+        rows += [(f"folder captioning, images/s (batch {args.throughput_batch}, beam {args.beam}, "
+                  f"{results['folder_images']} JPEGs)", f"{results['folder_images_per_s']:.1f}"),
+                 ("CNN forward alone, images/s (the bound)", f"{results['cnn_images_per_s']:.1f}"),
+                 ("beam search alone, images/s", f"{results['beam_images_per_s']:.1f}"),
+                 ("folder / bound", f"{100 * results['ratio_to_bound']:.0f}%")]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
