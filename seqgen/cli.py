@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_generation_flags(c, skip=("n_best",))
 
+    plot = sub.add_parser("plot", help="save a run's loss and validation curves as a PNG (needs matplotlib)")
+    plot.add_argument("run", help="a run folder (with metrics.jsonl) or a metrics.jsonl file")
+    plot.add_argument("--out", default=None, help="PNG path (default: RUN/curves.png)")
+
     demo = sub.add_parser("demo", help="train a small model on bundled text and generate (offline, < 1 min)")
     demo.add_argument("--seconds", type=float, default=40.0, help="training budget (default: 40)")
     demo.add_argument("--out", default=None, help="keep the demo run here (default: a temp folder)")
@@ -144,6 +148,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if i:
             print("\n" + "-" * 40)
         print(text)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    import os
+
+    from seqgen.plots import loss_curve
+    metrics = os.path.join(args.run, "metrics.jsonl") if os.path.isdir(args.run) else args.run
+    if not os.path.isfile(metrics):
+        raise SeqgenError(f"{metrics}: no such file (is {args.run} a run folder?)")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(metrics)), "curves.png")
+    print(loss_curve(metrics, out))
     return 0
 
 
@@ -319,7 +335,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate, ("demo", None): cmd_demo}
+COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate, ("demo", None): cmd_demo,
+            ("plot", None): cmd_plot}
 # COMMANDS.update(...) lines for translation / captioning go here
 COMMANDS.update({("train", "captioning"): cmd_train_captioning, ("caption", None): cmd_caption})
 COMMANDS.update({("train", "translation"): cmd_train_translation, ("translate", None): cmd_translate,

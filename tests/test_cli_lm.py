@@ -25,6 +25,15 @@ def test_train_writes_checkpoints_and_log(trained):
     assert {"best.pt", "last.pt", "metrics.jsonl"} <= set(os.listdir(out))
 
 
+def test_plot_saves_loss_curve_png(trained, tmp_path):
+    _, _, out = trained
+    png = tmp_path / "curves.png"
+    run_cli("plot", out, "--out", png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc = run_cli("plot", tmp_path / "nope", check=False)
+    assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
 def test_generate_is_deterministic_for_a_seed(trained):
     _, _, out = trained
     a = run_cli("generate", out / "best.pt", "--prompt", "to be", "--temperature", "0.9", "--max-len", 40,
