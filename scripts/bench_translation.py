@@ -213,7 +213,7 @@ def main() -> int:
     quality = None
     if "quality" in parts:
         quality = run_quality(args, run, args.out)
-        st, evals = quality["state"], quality["evals"]
+        st = quality["state"]
         rows += [
             ("quality: default config", f"{run.decoder.attention}, input_feeding={run.decoder.input_feeding}, "
                                         f"enc {run.encoder.cell} {run.encoder.hidden}x{2 if run.encoder.bidirectional else 1}, "

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from seqgen.checkpoint import load_checkpoint, save_checkpoint
-from seqgen.config import from_dict, to_dict
+from seqgen.config import from_dict, merge, to_dict
 from seqgen.data.batch import Batch
 from seqgen.errors import SeqgenError
 from seqgen.model import Seq2Seq
@@ -296,6 +296,41 @@ def check_out_dir(out_dir: str, resume: bool) -> str | None:
         raise SeqgenError(f"{out_dir} already holds a trained model; pass --resume to continue it "
                           f"or choose another --out (nothing was overwritten)")
     return None
+
+
+def check_resume_overrides(saved: dict, overrides: dict, path: str, *, vocab_keys: tuple[str, ...],
+                           model_sections: tuple[str, ...] = ("encoder", "decoder")) -> None:
+    """Refuse settings that cannot change when resuming from `path`.
+
+    saved: the run config stored in the checkpoint; overrides: what the user gave now (YAML + flags).
+    vocab_keys: data keys the vocabulary was built from; model_sections: config sections that shape the weights.
+    """
+    data = overrides.get("data", {})
+    changed = [k for k in vocab_keys if k in data and data[k] != saved.get("data", {}).get(k)]
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise SeqgenError(f"{path}: {flags} cannot change on --resume: the checkpoint's vocabulary was built with "
+                          f"the old value(s); start a new run in another --out (nothing was changed)")
+    for section in model_sections:
+        diff = [k for k, v in overrides.get(section, {}).items() if v != saved.get(section, {}).get(k)]
+        if diff:
+            raise SeqgenError(f"{path}: the {section} ({', '.join(diff)}) cannot change on --resume; "
+                              f"start a new run in another --out (nothing was changed)")
+
+
+def load_resume_run(path: str, task: str, run_cls: type, overrides: dict | None, *, vocab_keys: tuple[str, ...],
+                    model_sections: tuple[str, ...] = ("encoder", "decoder")) -> tuple[object, Seq2Seq]:
+    """For --resume: the run config saved in `path` with the user's `overrides` applied, and the model.
+
+    Refuses a checkpoint of another task and overrides that would change the vocabulary or the weights' shapes.
+    """
+    payload = load_checkpoint(path)
+    if payload.get("task") != task:
+        raise SeqgenError(f"{path}: is a {payload.get('task')!r} checkpoint, cannot resume a {task!r} run from it")
+    saved = json.loads(payload["run_config"])
+    check_resume_overrides(saved, overrides or {}, path, vocab_keys=vocab_keys, model_sections=model_sections)
+    run = from_dict(run_cls, merge(saved, overrides or {}), where=f"{path} run config")
+    return run, Seq2Seq.from_payload(payload, where=path)
 
 
 def seed_everything(seed: int) -> None:

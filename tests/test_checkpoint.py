@@ -1,5 +1,4 @@
 """Checkpoints are data, written atomically, verified on load."""
-import io
 import os
 import pickle
 

@@ -38,8 +38,7 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence
 import torch
 from torch import Tensor
 
-from seqgen.checkpoint import load_checkpoint
-from seqgen.config import from_dict, merge, to_dict
+from seqgen.config import to_dict
 from seqgen.data.batch import Batch
 from seqgen.data.batching import BucketBatchSampler, pad_sequences
 from seqgen.data.images import (ImageError, ImageFolderDataset, collate_images, iter_image_paths, load_image,
@@ -50,7 +49,8 @@ from seqgen.encoders.cnn import CNNEncoderConfig, build_transform
 from seqgen.errors import SeqgenError
 from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
 from seqgen.tokenizers import SPACE_MARK, TextCodec
-from seqgen.train import Trainer, TrainConfig, TrainState, check_out_dir, resolve_device, seed_everything
+from seqgen.train import (Trainer, TrainConfig, TrainState, check_out_dir, load_resume_run, resolve_device,
+                          seed_everything)
 
 
 # -- configs ---------------------------------------------------------------------------------------
@@ -448,20 +448,6 @@ def _image_batches(paths: Sequence[str], transform: Callable, batch_size: int, n
 _VOCAB_KEYS = ("level", "lowercase", "min_freq", "vocab_size")
 
 
-def _check_resume_overrides(saved: dict, overrides: dict, path: str) -> None:
-    changed = [k for k in _VOCAB_KEYS
-               if k in overrides.get("data", {}) and overrides["data"][k] != saved.get("data", {}).get(k)]
-    if changed:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise SeqgenError(f"{path}: {flags} cannot change on --resume: the checkpoint's vocabulary was built with "
-                          f"the old value(s); start a new run in another --out (nothing was changed)")
-    for section in ("encoder", "decoder"):
-        diff = [k for k, v in overrides.get(section, {}).items() if v != saved.get(section, {}).get(k)]
-        if diff:
-            raise SeqgenError(f"{path}: the {section} ({', '.join(diff)}) cannot change on --resume; "
-                              f"start a new run in another --out (nothing was changed)")
-
-
 def _check_data_config(d: CaptionDataConfig) -> None:
     for name in ("batch_size", "valid_batch_size", "max_len", "min_freq"):
         if getattr(d, name) < 1:
@@ -488,13 +474,7 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
     resume_path = check_out_dir(out_dir, resume)
     model: Seq2Seq | None = None
     if resume_path:
-        payload = load_checkpoint(resume_path)
-        if payload.get("task") != "captioning":
-            raise SeqgenError(f"{resume_path}: is a {payload.get('task')!r} checkpoint, not a captioning model")
-        saved = json.loads(payload["run_config"])
-        _check_resume_overrides(saved, overrides or {}, resume_path)
-        run = from_dict(CaptionRunConfig, merge(saved, overrides or {}), where="run config")
-        model = Seq2Seq.from_payload(payload, where=resume_path)
+        run, model = load_resume_run(resume_path, "captioning", CaptionRunConfig, overrides, vocab_keys=_VOCAB_KEYS)
     d = run.data
     _check_data_config(d)
     run.eval.validate()

@@ -1,7 +1,6 @@
 """Language models (char, word, subword): data, training and generation from a prompt."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -9,14 +8,14 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
-from seqgen.checkpoint import load_checkpoint
-from seqgen.config import from_dict, merge, to_dict
+from seqgen.config import to_dict
 from seqgen.data.text import LMBatches, read_text
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.errors import SeqgenError
 from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
 from seqgen.tokenizers import TextCodec
-from seqgen.train import Trainer, TrainConfig, TrainState, check_out_dir, seed_everything
+from seqgen.train import (Trainer, TrainConfig, TrainState, check_out_dir, load_resume_run,
+                          seed_everything)
 
 
 @dataclass
@@ -87,12 +86,9 @@ def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides:
     """Train (or resume) a language model on `run.data.text`; checkpoints go to `out_dir`."""
     resume_path = check_out_dir(out_dir, resume)
     if resume_path:
-        payload = load_checkpoint(resume_path)
-        if payload.get("task") != "lm":
-            raise SeqgenError(f"{resume_path}: is a {payload.get('task')!r} checkpoint, not a language model")
-        saved = json.loads(payload["run_config"])
-        run = from_dict(LMRunConfig, merge(saved, overrides or {}), where="run config")
-        model = Seq2Seq.from_payload(payload, where=resume_path)
+        run, model = load_resume_run(resume_path, "lm", LMRunConfig, overrides,
+                                     vocab_keys=("level", "min_freq", "max_vocab", "vocab_size"),
+                                     model_sections=("decoder",))
         codec = model.tgt
     text = read_text(run.data.text)
     train_text, valid_text = split_text(text, run.data.valid_fraction)

@@ -12,7 +12,6 @@ sacreBLEU (cased, 13a), which picks the best checkpoint and drives early stoppin
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -23,8 +22,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 from torch import Tensor
 
-from seqgen.checkpoint import load_checkpoint
-from seqgen.config import from_dict, merge, to_dict
+from seqgen.config import to_dict
 from seqgen.data.batch import Batch
 from seqgen.data.batching import BucketBatchSampler, pad_sequences
 from seqgen.data.parallel import ParallelCorpus, filter_by_length, read_parallel, read_tsv
@@ -34,7 +32,8 @@ from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import SeqgenError
 from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
 from seqgen.tokenizers import SubwordTokenizer, TextCodec
-from seqgen.train import Trainer, TrainConfig, TrainState, check_out_dir, seed_everything
+from seqgen.train import (Trainer, TrainConfig, TrainState, check_out_dir, load_resume_run,
+                          seed_everything)
 from seqgen.vocab import SPECIALS, Vocab
 
 DEFAULT_MAX_SRC_LEN = 256   # translate(): longer sources (in tokens) are truncated with a warning
@@ -334,20 +333,6 @@ def make_evaluate(valid: ParallelCorpus, gen: GenerationConfig, batch_size: int,
     return evaluate
 
 
-def _check_resume_overrides(saved: dict, overrides: dict, path: str) -> None:
-    changed = [k for k in _VOCAB_KEYS
-               if k in overrides.get("data", {}) and overrides["data"][k] != saved.get("data", {}).get(k)]
-    if changed:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise SeqgenError(f"{path}: {flags} cannot change on --resume: the checkpoint's vocabulary was built with "
-                          f"the old value(s); start a new run in another --out (nothing was changed)")
-    for section in ("encoder", "decoder"):
-        diff = [k for k, v in overrides.get(section, {}).items() if v != saved.get(section, {}).get(k)]
-        if diff:
-            raise SeqgenError(f"{path}: the {section} shape ({', '.join(diff)}) cannot change on --resume; "
-                              f"start a new run in another --out (nothing was changed)")
-
-
 def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool = False,
                       overrides: dict | None = None, log: Callable[[str], None] | None = None) -> TrainState:
     """Train (or resume) a translation model; checkpoints and metrics.jsonl go to `out_dir`.
@@ -359,13 +344,8 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
     resume_path = check_out_dir(out_dir, resume)
     model: Seq2Seq | None = None
     if resume_path:
-        payload = load_checkpoint(resume_path)
-        if payload.get("task") != "translation":
-            raise SeqgenError(f"{resume_path}: is a {payload.get('task')!r} checkpoint, not a translation model")
-        saved = json.loads(payload["run_config"])
-        _check_resume_overrides(saved, overrides or {}, resume_path)
-        run = from_dict(TranslationRunConfig, merge(saved, overrides or {}), where="run config")
-        model = Seq2Seq.from_payload(payload, where=resume_path)
+        run, model = load_resume_run(resume_path, "translation", TranslationRunConfig, overrides,
+                                     vocab_keys=_VOCAB_KEYS)
         check_codecs_match(model, run.data, resume_path)
     d = run.data
     if d.max_len < 1:
