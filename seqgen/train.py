@@ -125,6 +125,7 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(0.9, 0.98))
         self.state = TrainState()
+        self._wall0 = time.perf_counter()
         self._log = log or (lambda msg: tqdm.write(msg))
         os.makedirs(out_dir, exist_ok=True)
         self.last_path = os.path.join(out_dir, "last.pt")
@@ -200,6 +201,9 @@ class Trainer:
         self.model.train()
         if self.metric not in metrics:
             raise SeqgenError(f"evaluation returned no {self.metric!r} (got {sorted(metrics)})")
+        # minutes of training (evaluation excluded) and of wall time in this process: metric-vs-time curves
+        metrics = {**metrics, "train_minutes": self.state.train_seconds / 60,
+                   "wall_minutes": (time.perf_counter() - self._wall0) / 60}
         value = metrics[self.metric]
         st = self.state
         st.history.append([st.step, value])

@@ -400,8 +400,7 @@ def caption_images_full(model: Seq2Seq, images: Sequence, gen: GenerationConfig 
 
 def make_evaluate(names: Sequence[str], references: Sequence[Sequence[str]],
                   batches: Callable[[], Iterator[tuple[list[int], Tensor | EncoderOutput]]],
-                  gen: GenerationConfig, clock: Callable[[], dict[str, float]] | None = None
-                  ) -> Callable[[Seq2Seq], dict[str, float]]:
+                  gen: GenerationConfig) -> Callable[[Seq2Seq], dict[str, float]]:
     """Validation: caption every validation image with `gen`, then caption BLEU-1..4 and CIDEr-D (the
     "cider" key) against all references of each image.
 
@@ -416,8 +415,6 @@ def make_evaluate(names: Sequence[str], references: Sequence[Sequence[str]],
                 hyps[r] = c.text
         bleu = caption_bleu(hyps, references)
         metrics = {"cider": cider_d(hyps, references), **{f"bleu{n}": bleu[f"bleu{n}"] for n in range(1, 5)}}
-        if clock is not None:
-            metrics.update(clock())
         return metrics
 
     return evaluate
@@ -529,18 +526,9 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
         valid_batches = _image_batches([splits.path(n) for n in valid_names], transform, d.valid_batch_size,
                                        d.num_workers)
 
-    trainer_ref: list[Trainer] = []
-    wall0 = time.perf_counter()
-
-    def clock() -> dict[str, float]:   # minutes of training (evaluation excluded) and of wall time so far
-        st = trainer_ref[0].state if trainer_ref else None
-        return {"train_minutes": (st.train_seconds if st else 0.0) / 60,
-                "wall_minutes": (time.perf_counter() - wall0) / 60}
-
-    evaluate = make_evaluate(valid_names, references, valid_batches, run.eval, clock)
+    evaluate = make_evaluate(valid_names, references, valid_batches, run.eval)
     trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="cider", mode="max",
                       run_config=to_dict(run), log=log)
-    trainer_ref.append(trainer)
     if resume_path:
         trainer.resume(resume_path)
     else:

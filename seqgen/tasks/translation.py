@@ -302,8 +302,8 @@ def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
 
 
 # -- training -----------------------------------------------------------------------------------------
-def make_evaluate(valid: ParallelCorpus, gen: GenerationConfig, batch_size: int,
-                  clock: Callable[[], dict[str, float]] | None = None) -> Callable[[Seq2Seq], dict[str, float]]:
+def make_evaluate(valid: ParallelCorpus, gen: GenerationConfig,
+                  batch_size: int) -> Callable[[Seq2Seq], dict[str, float]]:
     """Validation: decode the held-out source with `gen`, sacreBLEU against the references, and the
     teacher-forced loss (nats per target token)."""
     cache: list[ParallelBatches] = []
@@ -326,8 +326,6 @@ def make_evaluate(valid: ParallelCorpus, gen: GenerationConfig, batch_size: int,
             count += n
         metrics["loss"] = total / max(count, 1)
         metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
-        if clock is not None:
-            metrics.update(clock())
         return metrics
 
     return evaluate
@@ -378,18 +376,9 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
     src_codec, tgt_codec = model.src, model.tgt
     data = training_batches(corpus, src_codec, tgt_codec, d, seed=run.train.seed, name=train_name, warn=say)
 
-    trainer_ref: list[Trainer] = []
-    wall0 = time.perf_counter()
-
-    def clock() -> dict[str, float]:   # minutes of training (evaluation excluded) and of wall time so far
-        st = trainer_ref[0].state if trainer_ref else None
-        return {"train_minutes": (st.train_seconds if st else 0.0) / 60,
-                "wall_minutes": (time.perf_counter() - wall0) / 60}
-
-    evaluate = make_evaluate(valid, run.eval, d.valid_batch_size, clock)
+    evaluate = make_evaluate(valid, run.eval, d.valid_batch_size)
     trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="bleu", mode="max",
                       run_config=to_dict(run), log=log)
-    trainer_ref.append(trainer)
     if resume_path:
         trainer.resume(resume_path)
     else:
