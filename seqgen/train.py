@@ -126,7 +126,7 @@ class Trainer:
             lr=cfg.lr, betas=(0.9, 0.98))
         self.state = TrainState()
         self._wall0 = time.perf_counter()
-        self._log = log or (lambda msg: tqdm.write(msg))
+        self.log = log or (lambda msg: tqdm.write(msg))
         os.makedirs(out_dir, exist_ok=True)
         self.last_path = os.path.join(out_dir, "last.pt")
         self.best_path = os.path.join(out_dir, "best.pt")
@@ -170,7 +170,7 @@ class Trainer:
         if tr["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(tr["rng_cuda"])
         self._truncate_metrics_log()
-        self._log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
+        self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                   f"batch {self.state.batch_in_epoch})")
 
     def _truncate_metrics_log(self) -> None:
@@ -218,7 +218,7 @@ class Trainer:
                 st.lr_scale *= self.cfg.plateau_factor
                 st.bad_plateau = 0
         shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        self._log(f"eval step {st.step}: {shown}" + (" (best)" if improved else ""))
+        self.log(f"eval step {st.step}: {shown}" + (" (best)" if improved else ""))
         self._write_metrics({"step": st.step, "eval": metrics, "best": st.best})
         return bool(self.cfg.patience and st.bad_evals >= self.cfg.patience)
 
@@ -244,7 +244,7 @@ class Trainer:
                 st.batch_in_epoch += 1
                 if not torch.isfinite(loss):
                     bad_steps += 1
-                    self._log(f"step {st.step}: non-finite loss ({loss.item()}), batch skipped "
+                    self.log(f"step {st.step}: non-finite loss ({loss.item()}), batch skipped "
                               f"({bad_steps}/{cfg.max_bad_steps})")
                     self._write_metrics({"step": st.step, "skipped": "non-finite loss"})
                     if bad_steps >= cfg.max_bad_steps:
@@ -269,7 +269,7 @@ class Trainer:
                     rec = {"step": st.step, "epoch": st.epoch, "loss": window_loss / window_steps,
                            "tokens_per_s": window_tokens / elapsed, "lr": self.optimizer.param_groups[0]["lr"]}
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                    self._log(f"step {st.step} | epoch {st.epoch} | loss {rec['loss']:.4f} | "
+                    self.log(f"step {st.step} | epoch {st.epoch} | loss {rec['loss']:.4f} | "
                               f"{rec['tokens_per_s']:,.0f} tok/s | lr {rec['lr']:.2e}")
                     self._write_metrics(rec)
                     window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()

@@ -532,7 +532,7 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
     if resume_path:
         trainer.resume(resume_path)
     else:
-        trainer._log(f"{d.captions}: {len(splits.train):,} training images ({len(examples):,} captions, "
+        trainer.log(f"{d.captions}: {len(splits.train):,} training images ({len(examples):,} captions, "
                      f"{data.num_batches(0):,} batches per epoch), {len(valid_names):,} validation images; "
                      f"vocabulary {len(codec.vocab)} ({d.level}); backbone {model.config.image_encoder.backbone} "
                      f"({'frozen, cached features' if model.encoder.frozen else 'training'}); "

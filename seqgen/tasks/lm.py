@@ -107,7 +107,7 @@ def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides:
     if resume_path:
         trainer.resume(resume_path)
     else:
-        trainer._log(f"{run.data.text}: {len(train_ids):,} training and {len(valid_ids):,} validation "
+        trainer.log(f"{run.data.text}: {len(train_ids):,} training and {len(valid_ids):,} validation "
                      f"tokens, vocabulary {len(codec.vocab)} ({run.data.level}); "
                      f"{sum(p.numel() for p in model.parameters()):,} parameters")
     return trainer.train()

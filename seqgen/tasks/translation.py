@@ -386,7 +386,7 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
         n_tgt = sum(len(t) - 1 for t in data.tgt)
         vocab = (f"joint vocabulary {len(tgt_codec.vocab)}" if src_codec is tgt_codec or src_codec == tgt_codec
                  else f"vocabularies {len(src_codec.vocab)} / {len(tgt_codec.vocab)}")
-        trainer._log(f"{train_name}: {len(data.src):,} pairs ({n_src:,} source / {n_tgt:,} target tokens), "
+        trainer.log(f"{train_name}: {len(data.src):,} pairs ({n_src:,} source / {n_tgt:,} target tokens), "
                      f"{data.num_batches(0):,} batches per epoch; {valid_name}: {len(valid):,} pairs; {vocab} "
                      f"({d.level}); {sum(p.numel() for p in model.parameters()):,} parameters")
     return trainer.train()
