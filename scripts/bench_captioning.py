@@ -59,6 +59,8 @@ def main() -> int:
     p.add_argument("--emb", type=int, default=256)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--attention", default="luong_general", choices=["bahdanau", "luong_general"])
+    p.add_argument("--input-feeding", action="store_true",
+                   help="feed the previous attentional vector into the LSTM (Show-Attend-Tell style; slower)")
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--label-smoothing", type=float, default=0.1)
@@ -71,7 +73,7 @@ def main() -> int:
     p.add_argument("--max-len", type=int, default=30)
     p.add_argument("--throughput-images", type=int, default=1000, help="0 skips part 2")
     p.add_argument("--throughput-batch", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=None, help="image decoding workers (default: seqgen's choice)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--skip-train", action="store_true", help="reuse OUT/best.pt from an earlier run")
     p.add_argument("--seed", type=int, default=1)
@@ -108,7 +110,7 @@ def main() -> int:
                                num_workers=args.num_workers),
         encoder=resolve_weights(CNNEncoderConfig(backbone="efficientnet_lite0", weights="imagenet", freeze=True)),
         decoder=DecoderConfig(cell=args.cell, emb=args.emb, hidden=args.hidden, attention=args.attention,
-                              dropout=args.dropout),
+                              input_feeding=args.input_feeding, dropout=args.dropout),
         train=TrainConfig(lr=args.lr, warmup_steps=200, schedule="cosine", label_smoothing=args.label_smoothing,
                           max_steps=10 ** 7, eval_every=args.eval_every, checkpoint_every=args.eval_every,
                           log_every=200, patience=0, seed=args.seed, progress=False),

@@ -10,6 +10,7 @@ runs pickled code; the checksum catches truncated or bit-flipped files before an
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import os
@@ -37,10 +38,33 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _temp_prefix(path: str) -> str:
+    # ".tmp-last.pt-XXXX": named after its target (so a later save can find its leftovers) and not ending in
+    # ".pt", so that a file killed mid-write is never taken for a checkpoint
+    return f".tmp-{os.path.basename(path)}-"
+
+
+def remove_partial_writes(path: str) -> list[str]:
+    """Delete the temp files a process killed while saving `path` left next to it; returns their paths.
+
+    Only for a folder no other process is writing to (a run folder, when its run starts).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(folder), glob.escape(_temp_prefix(path)) + "*")):
+        try:
+            os.unlink(tmp)
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
 def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
     """Write `payload` to `path` atomically: a temp file in the same folder, fsync, then rename.
 
-    A crash or a full disk at any moment leaves either the old file or the new one, never a mix.
+    A crash or a full disk at any moment leaves either the old file or the new one, never a mix; a kill
+    leaves at most a temp file `.tmp-NAME-XXXX` (see `remove_partial_writes`).
     """
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -49,7 +73,7 @@ def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
              "payload": torch.frombuffer(bytearray(raw), dtype=torch.uint8)}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(outer, f)

@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("inputs", nargs="+", metavar="FOLDER_OR_FILE", help="image folders and/or image files")
     c.add_argument("--out", required=True, help="captions.jsonl ({image, caption, score} per line) or captions.csv")
     c.add_argument("--batch-size", type=int, default=64, help="images per CNN + beam search batch (default: 64)")
-    c.add_argument("--num-workers", type=int, default=2, help="image decoding processes (default: 2)")
+    c.add_argument("--num-workers", type=int, default=None,
+                   help="image decoding processes (default: 1 on a CPU with up to 4 cores, 2 on more; on a GPU "
+                        "half the cores, up to 8)")
     c.add_argument("--recursive", action="store_true", help="also caption images in subfolders")
     c.add_argument("--follow-symlinks", action="store_true", help="follow symlinks that leave the input folder")
     c.add_argument("--overwrite", action="store_true", help="start --out over instead of continuing it")
@@ -118,8 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train_lm(args: argparse.Namespace) -> int:
     from seqgen.tasks.lm import LMRunConfig, train_lm
     run, flags = build_run_config(LMRunConfig, args)
-    if not args.resume and not run.data.text:
-        raise SeqgenError("--text is required: the UTF-8 text file to train on")
     state = train_lm(run, args.out, resume=args.resume, overrides=flags)
     print(f"done: {state.step} steps, best validation loss {state.best:.4f}; model in {args.out}/best.pt")
     return 0
@@ -241,6 +241,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     if args.out != "-" and args.input != "-" and os.path.abspath(args.out) == os.path.abspath(args.input):
         raise SeqgenError(f"--out {args.out} is the input file; choose another output (nothing was written)")
     model = _load_translation_model(args)
+    sentences = _read_source(args.input)      # a bad input file fails before any output folder is made
     if args.attention_png:
         from seqgen.plots import require_matplotlib
         require_matplotlib()
@@ -252,7 +253,6 @@ def cmd_translate(args: argparse.Namespace) -> int:
         except OSError as e:
             raise SeqgenError(f"--attention-png {args.attention_png}: cannot create the folder "
                               f"({e.strerror or e})") from None
-    sentences = _read_source(args.input)
     results = translate_nbest(model, sentences, gen, batch_size=args.batch_size, max_src_len=args.max_src_len,
                               seed=args.seed, warn=_warn)
     if gen.n_best > 1:
@@ -343,6 +343,10 @@ COMMANDS.update({("train", "translation"): cmd_train_translation, ("translate", 
                  ("evaluate", None): cmd_evaluate})
 
 
+# Characters that end a line for a terminal or for str.splitlines(); a file name in a message may hold one.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -352,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     except SeqgenError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"seqgen: error: {e}", file=sys.stderr)
+        print(f"seqgen: error: {str(e).translate(_LINE_BREAKS)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("seqgen: interrupted (the last checkpoint is intact; continue with --resume)", file=sys.stderr)

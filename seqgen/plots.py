@@ -127,16 +127,15 @@ def image_attention_map(image: Any, attention: Any, words: Sequence[str], grid: 
     """Save where each generated word of a caption looked: one panel per word, the image with that word's
     attention over the image grid laid over it (upsampled smoothly), plus the plain image first.
 
-    image: [H, W, 3] floats in [0, 1] (or a PIL image); attention: [len(words), h * w] weights;
+    image: [H, W, 3] uint8 or floats in [0, 1] (or a PIL image); attention: [len(words), h * w] weights;
     grid: (h, w), row-major as the encoder flattens it. Only the first `max_words` words get a panel.
     Returns `path`.
     """
     import numpy as np
 
     plt = _pyplot()
-    img = np.asarray(image, dtype=np.float32)
-    if img.max(initial=0.0) > 1.0:
-        img = img / 255.0
+    arr = np.asarray(image)
+    img = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
     weights = attention.detach().cpu().float().numpy() if hasattr(attention, "detach") else np.asarray(attention)
     h, w = grid
     if weights.shape != (len(words), h * w):

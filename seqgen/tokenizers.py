@@ -8,7 +8,8 @@ Three levels, chosen with `--level`:
 - subword: a sentencepiece model trained on the training text. Round trip is exact for text made of characters
            seen in training, except: a literal "▁" (U+2581) reads back as a space (sentencepiece's own whitespace
            marker), and NUL and U+001F are never learned, so they become <unk>. Line breaks ("\n", "\r") are
-           tokens handled outside sentencepiece, so they always survive (CRLF text included).
+           tokens handled outside sentencepiece, so they always survive (CRLF text included). A lone surrogate
+           (only a command-line argument can hold one) reads as U+FFFD.
 
 A tokenizer travels inside checkpoints as `tokenizer_to_dict(tok)`: only str and a uint8 tensor, so
 `torch.load(weights_only=True)` can read it.
@@ -32,6 +33,9 @@ SPACE_MARK = "\u2581"  # "▁": marks a single space folded into the following t
 # are kept out of it and become tokens of their own.
 LINE_BREAKS: tuple[str, ...] = ("\n", "\r")
 _LINE_SPLIT = re.compile(r"([\n\r])")
+# sentencepiece refuses a str holding a lone surrogate; files never hold one, but a command-line argument with
+# undecodable bytes does (Python's surrogateescape), so the subword tokenizer reads it as U+FFFD.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Tokenizer(Protocol):
@@ -172,7 +176,7 @@ class SubwordTokenizer:
             raise SeqgenError(f"unknown sentencepiece model_type {model_type!r}: use unigram, bpe, char or word")
         if vocab_size < 2:
             raise SeqgenError(f"--vocab-size must be at least 2, got {vocab_size}")
-        lines = [line for text in texts for line in _LINE_SPLIT.split(text)[0::2] if line]
+        lines = [line for text in texts for line in _LINE_SPLIT.split(_SURROGATE.sub("\ufffd", text))[0::2] if line]
         if not lines:
             raise SeqgenError("cannot train a subword tokenizer on empty text: the training text has no characters")
         options = dict(
@@ -211,7 +215,7 @@ class SubwordTokenizer:
 
     def tokenize(self, text: str) -> list[str]:
         """Returns the sentencepiece pieces of each line of `text`, with the "\\n" / "\\r" tokens between lines."""
-        parts = _LINE_SPLIT.split(text)  # line, break, line, break, ..., line
+        parts = _LINE_SPLIT.split(_SURROGATE.sub("\ufffd", text))  # line, break, line, break, ..., line
         breaks = parts[1::2]
         tokens: list[str] = []
         for i, pieces in enumerate(self._sp.encode(parts[0::2], out_type=str)):

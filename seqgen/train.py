@@ -16,10 +16,10 @@ from typing import Callable, Iterator, Literal, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from seqgen.checkpoint import load_checkpoint, save_checkpoint
+from seqgen.checkpoint import load_checkpoint, remove_partial_writes, save_checkpoint
 from seqgen.config import from_dict, merge, to_dict
 from seqgen.data.batch import Batch
-from seqgen.errors import SeqgenError
+from seqgen.errors import SeqgenError, report_out_of_memory
 from seqgen.model import Seq2Seq
 
 
@@ -131,6 +131,9 @@ class Trainer:
         self.last_path = os.path.join(out_dir, "last.pt")
         self.best_path = os.path.join(out_dir, "best.pt")
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self._saved_step: int | None = None   # step of the last.pt on disk, for the out-of-memory advice
+        for path in (self.last_path, self.best_path):  # what a run killed mid-save left behind
+            remove_partial_writes(path)
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def _payload(self, with_trainer: bool) -> dict:
@@ -147,7 +150,16 @@ class Trainer:
         return payload
 
     def save(self) -> None:
-        save_checkpoint(self.last_path, self._payload(with_trainer=True))
+        self._save(self.last_path, with_trainer=True)
+        self._saved_step = self.state.step
+
+    def _save(self, path: str, with_trainer: bool) -> None:
+        try:
+            save_checkpoint(path, self._payload(with_trainer))
+        except OSError as e:  # disk full, quota, permissions: the atomic write kept the previous file
+            raise SeqgenError(f"{path}: cannot save the checkpoint of step {self.state.step} "
+                              f"({e.strerror or e}); the previous one is intact: free space and continue "
+                              f"with --resume") from None
 
     def resume(self, path: str | None = None) -> None:
         """Restore model, optimiser, RNG, data position and schedule from `path` (default: last.pt)."""
@@ -169,16 +181,26 @@ class Trainer:
         torch.set_rng_state(tr["rng_cpu"])
         if tr["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(tr["rng_cuda"])
-        self._truncate_metrics_log()
+        self._saved_step = self.state.step
         self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                   f"batch {self.state.batch_in_epoch})")
 
     def _truncate_metrics_log(self) -> None:
-        """Drop log lines written after the checkpoint we resume from, so the log has no duplicates."""
+        """Drop log lines written after the checkpoint training starts from, so the log has no duplicates.
+
+        At step k the log and eval lines are written before last.pt, a skipped batch's line after it; a last
+        line without its newline is a write cut off by a crash.
+        """
         if not os.path.exists(self.metrics_path):
             return
+        step, kept = self.state.step, []
         with open(self.metrics_path, encoding="utf-8") as f:
-            kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= self.state.step]
+            for line in f:
+                if not line.endswith("\n") or not line.strip():
+                    continue
+                rec = json.loads(line)
+                if rec.get("step", 0) < step or (rec.get("step", 0) == step and "skipped" not in rec):
+                    kept.append(line)
         tmp = self.metrics_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
@@ -196,7 +218,8 @@ class Trainer:
     def run_eval(self) -> bool:
         """Evaluate, keep best.pt, update plateau/early stopping. Returns True to stop training."""
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), report_out_of_memory(f"validating at step {self.state.step}",
+                                                   self._batch_advice("valid_batch_size")):
             metrics = self.evaluate(self.model)
         self.model.train()
         if self.metric not in metrics:
@@ -210,7 +233,7 @@ class Trainer:
         improved = self._improved(value)
         if improved:
             st.best, st.bad_evals, st.bad_plateau = value, 0, 0
-            save_checkpoint(self.best_path, self._payload(with_trainer=False))
+            self._save(self.best_path, with_trainer=False)
         else:
             st.bad_evals += 1
             st.bad_plateau += 1
@@ -222,11 +245,28 @@ class Trainer:
         self._write_metrics({"step": st.step, "eval": metrics, "best": st.best})
         return bool(self.cfg.patience and st.bad_evals >= self.cfg.patience)
 
+    def _batch_advice(self, key: str) -> str:
+        """What to lower after running out of memory: the run config's `data.<key>` (or its token budget)."""
+        data = self.run_config.get("data", {})
+        if key == "batch_size" and data.get("max_tokens"):
+            flag = f"--max-tokens (now {data['max_tokens']})"
+        elif key in data:
+            flag = f"--{key.replace('_', '-')} (now {data[key]})"
+        else:
+            flag = "the batch size"
+        if self._saved_step is None:
+            return f"lower {flag}"
+        return (f"lower {flag} and continue with --resume: {self.last_path} of step {self._saved_step} "
+                f"is intact")
+
     # -- the loop --------------------------------------------------------------------------------------
     def train(self) -> TrainState:
         """Train until max_steps, max_epochs, the time budget or early stopping; returns the final state."""
         cfg, st, model = self.cfg, self.state, self.model
         model.train()
+        self._truncate_metrics_log()
+        if st.step == 0:  # a run killed before its first step checkpoint resumes from here (and best.pt
+            self.save()   # never exists without a last.pt)
         bar = tqdm(total=cfg.max_steps, initial=st.step, disable=not cfg.progress, desc="train",
                    unit="step", dynamic_ncols=True)
         window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
@@ -237,12 +277,22 @@ class Trainer:
                 continue
             for batch in self.data.iter_batches(st.epoch, st.batch_in_epoch):
                 t0 = time.perf_counter()
-                batch = batch.to(self.device)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(cfg, st)
-                loss, n_tok = model.loss(batch, cfg.label_smoothing)
+                shape = f"{batch.target.size(0)} sequences x {batch.target.size(1) - 1} tokens"
+                with report_out_of_memory(f"at step {st.step + 1} on a batch of {shape}",
+                                          self._batch_advice("batch_size")):
+                    batch = batch.to(self.device)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = cfg.lr * lr_factor(cfg, st)
+                    loss, n_tok = model.loss(batch, cfg.label_smoothing)
+                    finite = bool(torch.isfinite(loss))
+                    if finite:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        if cfg.clip_norm > 0:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+                        self.optimizer.step()
                 st.batch_in_epoch += 1
-                if not torch.isfinite(loss):
+                if not finite:
                     bad_steps += 1
                     self.log(f"step {st.step}: non-finite loss ({loss.item()}), batch skipped "
                               f"({bad_steps}/{cfg.max_bad_steps})")
@@ -253,11 +303,6 @@ class Trainer:
                             f"lower --lr or check the data (last good checkpoint: {self.last_path})")
                     continue
                 bad_steps = 0
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-                self.optimizer.step()
                 st.step += 1
                 st.train_seconds += time.perf_counter() - t0
                 window_tokens += n_tok
@@ -290,12 +335,24 @@ class Trainer:
 
 
 def check_out_dir(out_dir: str, resume: bool) -> str | None:
-    """Refuse to overwrite a previous run; with resume, return the checkpoint to continue from."""
+    """Refuse to overwrite a previous run; with resume, return the checkpoint to continue from.
+
+    With resume, a folder that exists but holds no checkpoint yet is a run killed before its first one
+    (written before the first step): None, the run starts over, so that rerunning with --resume after a
+    kill always works. A folder that does not exist is more likely a typo and stays an error.
+    """
     last = os.path.join(out_dir, "last.pt")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SeqgenError(f"--out {out_dir}: exists and is not a folder; choose another --out")
     if resume:
-        if not os.path.exists(last):
-            raise SeqgenError(f"--resume: {last} does not exist (nothing to resume); drop --resume to start")
-        return last
+        if os.path.exists(last):
+            return last
+        if not os.path.isdir(out_dir):
+            raise SeqgenError(f"--resume: {out_dir} does not exist (nothing to resume); drop --resume to start")
+        if os.path.exists(os.path.join(out_dir, "best.pt")):
+            raise SeqgenError(f"--resume: {out_dir} has a best.pt but no last.pt (it holds the trainer state); "
+                              f"start a new run in another --out (nothing was changed)")
+        return None
     if os.path.exists(last) or os.path.exists(os.path.join(out_dir, "best.pt")):
         raise SeqgenError(f"{out_dir} already holds a trained model; pass --resume to continue it "
                           f"or choose another --out (nothing was overwritten)")

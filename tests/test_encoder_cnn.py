@@ -161,9 +161,19 @@ def test_build_transform():
     img = Image.new("RGB", (80, 40), (255, 0, 0))
     img.paste((0, 0, 255), (0, 0, 20, 40))                      # blue left quarter is cropped away
     x = t(img)
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-    assert x.min() >= 0.0 and x.max() <= 1.0
-    assert torch.allclose(x[:, 16, 16], torch.tensor([1.0, 0.0, 0.0]))
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+    assert x[:, 16, 16].tolist() == [255, 0, 0]
     assert t(Image.new("L", (5, 7), 128)).shape == (3, 32, 32)
-    assert t(Image.new("RGB", (1, 1), (0, 255, 0)))[:, 3, 3].tolist() == [0.0, 1.0, 0.0]
+    assert t(Image.new("RGB", (1, 1), (0, 255, 0)))[:, 3, 3].tolist() == [0, 255, 0]
+    same = Image.new("RGB", (32, 32), (1, 2, 3))                # already the right size: passed through as is
+    assert t(same).tolist() == torch.tensor([1, 2, 3], dtype=torch.uint8).view(3, 1, 1).expand(3, 32, 32).tolist()
     assert t(Image.new("RGB", (200_000, 1))).shape == (3, 32, 32)   # no 6400000 x 32 intermediate
+
+
+def test_uint8_and_float_images_give_the_same_features():
+    torch.manual_seed(0)
+    enc = CNNImageEncoder(CNNEncoderConfig(backbone="tiny", image_size=32)).eval()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        a, b = enc(pixels), enc(pixels.float() / 255)
+    assert torch.allclose(a.memory, b.memory, atol=1e-5) and torch.allclose(a.state, b.state, atol=1e-5)

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from seqgen.data.images import ImageError, ImageFolderDataset, collate_images
+from seqgen.data.images import ImageError, ImageFolderDataset, collate_images, default_num_workers
 from seqgen.encoders.base import EncoderOutput
 from seqgen.encoders.cnn import CNNImageEncoder
 from seqgen.errors import SeqgenError
@@ -152,7 +152,7 @@ class FeatureCache:
     @classmethod
     def build(cls, path_dir: str | os.PathLike, names: Sequence[str], image_paths: Sequence[str],
               encoder: CNNImageEncoder, transform: Callable[[Image.Image], Tensor], *, batch_size: int = 64,
-              num_workers: int = 2, device: str | torch.device = "cpu", progress: bool = True,
+              num_workers: int | None = None, device: str | torch.device = "cpu", progress: bool = True,
               dtype: str = "float16") -> "FeatureCache":
         """Compute and store the features of `image_paths` (row i is `names[i]`), or reuse the cache in
         `path_dir` if it was built from the same encoder, weights, transform, dtype and image files.
@@ -215,7 +215,7 @@ class FeatureCache:
 
 
 def _compute_into(tmp_path: str, np_dtype: type, image_paths: list[str], encoder: CNNImageEncoder,
-                  transform: Callable, *, batch_size: int, num_workers: int, device: str | torch.device,
+                  transform: Callable, *, batch_size: int, num_workers: int | None, device: str | torch.device,
                   progress: bool) -> tuple[int, int]:
     """Encode every image into a new flat memmap at `tmp_path`; returns the grid (h, w).
 
@@ -224,6 +224,8 @@ def _compute_into(tmp_path: str, np_dtype: type, image_paths: list[str], encoder
 
     n, c = len(image_paths), encoder.memory_size
     device = torch.device(device)
+    if num_workers is None:
+        num_workers = default_num_workers(device)
     first = next(encoder.parameters())
     orig_device, was_training = first.device, encoder.training
     loader = torch.utils.data.DataLoader(

@@ -215,6 +215,21 @@ def _sorted_names(directory: str, skip: Callable[[str, str], None]) -> list[str]
 
 # -- dataset ---------------------------------------------------------------------------------------
 
+def default_num_workers(device: torch.device | str = "cpu") -> int:
+    """DataLoader workers for decoding images when the user did not choose (`--num-workers`).
+
+    Decoding a 224px JPEG into uint8 costs ~1 ms, the CNN ~25 ms per image on 2 CPU cores: one worker keeps
+    a CPU model fed and a second one only takes a core from the CNN (measured on Flickr8k, 2 cores: 1 worker
+    81% of the CNN-alone rate, 2 workers 70%). A GPU eats images ~50x faster: then half the cores, up to 8.
+    """
+    cores = os.cpu_count() or 1
+    if torch.device(device).type == "cuda":
+        return max(1, min(8, cores // 2))
+    return 1 if cores <= 4 else 2
+
+
+# -- dataset ---------------------------------------------------------------------------------------
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images by path for inference/feature extraction; errors are returned, never raised.
 

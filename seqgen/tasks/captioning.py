@@ -41,12 +41,12 @@ from torch import Tensor
 from seqgen.config import to_dict
 from seqgen.data.batch import Batch
 from seqgen.data.batching import BucketBatchSampler, pad_sequences
-from seqgen.data.images import (ImageError, ImageFolderDataset, collate_images, iter_image_paths, load_image,
-                                read_captions, read_split, to_rgb)
+from seqgen.data.images import (ImageError, ImageFolderDataset, collate_images, default_num_workers,
+                                iter_image_paths, load_image, read_captions, read_split, to_rgb)
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.encoders.base import EncoderOutput
 from seqgen.encoders.cnn import CNNEncoderConfig, build_transform
-from seqgen.errors import SeqgenError
+from seqgen.errors import SeqgenError, report_out_of_memory
 from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
 from seqgen.tokenizers import SPACE_MARK, TextCodec
 from seqgen.train import (Trainer, TrainConfig, TrainState, check_out_dir, load_resume_run, resolve_device,
@@ -72,7 +72,8 @@ class CaptionDataConfig:
     valid_limit: int = 0           # validate on the first N validation images only; 0 = all
     feature_cache: str = ""        # frozen backbone: folder of the feature caches ("" = OUT/features)
     cache_dtype: Literal["float16", "float32"] = "float16"
-    num_workers: int = 2           # DataLoader workers decoding images (feature extraction, fine-tuning)
+    num_workers: int | None = None  # DataLoader workers decoding images (feature extraction, fine-tuning);
+                                    # None = default_num_workers(device)
 
 
 @dataclass
@@ -351,13 +352,18 @@ def _to_caption(model: Seq2Seq, hyp) -> Caption:
 @torch.no_grad()
 def caption_tensor(model: Seq2Seq, source: Tensor | EncoderOutput, gen: GenerationConfig,
                    generator: torch.Generator | None = None) -> list[Caption]:
-    """Caption a batch: images [B, 3, S, S] in [0, 1] (as `build_transform` makes them) or precomputed features."""
-    if isinstance(source, Tensor):
-        source = source.to(model.device, non_blocking=True)
-    else:
-        source = dataclasses.replace(source, **{f: getattr(source, f).to(model.device) for f in ("state", "memory")
-                                                if getattr(source, f) is not None})
-    return [_to_caption(model, hyps[0]) for hyps in model.generate(source, gen=gen, generator=generator)]
+    """Caption a batch: images [B, 3, S, S] (uint8 as `build_transform` makes them, or [0, 1] floats) or
+    precomputed features."""
+    first = source if isinstance(source, Tensor) else next(t for t in (source.memory, source.state) if t is not None)
+    with report_out_of_memory(f"captioning a batch of {first.size(0)} images (beam {gen.beam})",
+                              "lower the batch size (--batch-size) or the beam (--beam)"):
+        if isinstance(source, Tensor):
+            source = source.to(model.device, non_blocking=True)
+        else:
+            source = dataclasses.replace(source, **{f: getattr(source, f).to(model.device)
+                                                    for f in ("state", "memory") if getattr(source, f) is not None})
+        hyps = model.generate(source, gen=gen, generator=generator)
+    return [_to_caption(model, h[0]) for h in hyps]
 
 
 def caption_images(model: Seq2Seq, images: Sequence, gen: GenerationConfig | None = None, *,
@@ -449,7 +455,7 @@ def _check_data_config(d: CaptionDataConfig) -> None:
     for name in ("batch_size", "valid_batch_size", "max_len", "min_freq"):
         if getattr(d, name) < 1:
             raise SeqgenError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(d, name)}")
-    if d.num_workers < 0 or d.valid_limit < 0:
+    if (d.num_workers is not None and d.num_workers < 0) or d.valid_limit < 0:
         raise SeqgenError("--num-workers and --valid-limit must be >= 0")
 
 
@@ -481,7 +487,7 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
         encoder_cfg = resolve_weights(run.encoder)
         run = dataclasses.replace(run, encoder=encoder_cfg)
         if encoder_cfg.freeze and encoder_cfg.weights is None and encoder_cfg.weights_file is None:
-            say("warning: the backbone is frozen with random weights; pass --weights or --backbone-weights, "
+            say("seqgen: warning: the backbone is frozen with random weights; pass --weights or --backbone-weights, "
                 "or --freeze false to train it")
         texts = [c for n in splits.train for c in splits.captions[n]]
         t0 = time.perf_counter()
@@ -498,11 +504,12 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
     if not len(examples):
         raise SeqgenError(f"{d.captions}: every training caption is longer than --max-len {d.max_len} tokens")
     if examples.dropped:
-        say(f"warning: dropped {examples.dropped} training caption(s) longer than --max-len {d.max_len} tokens")
+        say(f"seqgen: warning: dropped {examples.dropped} training caption(s) longer than --max-len {d.max_len} tokens")
     valid_names = splits.valid[:d.valid_limit] if d.valid_limit else splits.valid
     references = [splits.captions[n] for n in valid_names]
 
     device = resolve_device(run.train.device)
+    workers = d.num_workers if d.num_workers is not None else default_num_workers(device)
     transform = build_transform(model.config.image_encoder)
     pad = codec.vocab.pad
     if model.encoder.frozen:
@@ -513,7 +520,7 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
             t0 = time.perf_counter()
             caches[what] = FeatureCache.build(
                 os.path.join(cache_dir, what), names, [splits.path(n) for n in names], model.encoder, transform,
-                batch_size=64, num_workers=d.num_workers, device=device,
+                batch_size=64, num_workers=workers, device=device,
                 progress=run.train.progress, dtype=d.cache_dtype)
             say(f"{what} features: {len(names):,} images in {cache_dir}/{what} ({time.perf_counter() - t0:.1f}s)")
         data = CachedCaptionBatches(caches["train"], caches["train"].rows(splits.train), examples, pad=pad,
@@ -521,10 +528,10 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
         valid_batches = _cached_batches(caches["valid"], caches["valid"].rows(valid_names), d.valid_batch_size)
     else:
         data = ImageCaptionBatches([splits.path(n) for n in splits.train], examples, transform, pad=pad,
-                                   batch_size=d.batch_size, seed=run.train.seed, num_workers=d.num_workers,
+                                   batch_size=d.batch_size, seed=run.train.seed, num_workers=workers,
                                    pin_memory=device.type == "cuda")
         valid_batches = _image_batches([splits.path(n) for n in valid_names], transform, d.valid_batch_size,
-                                       d.num_workers)
+                                       workers)
 
     evaluate = make_evaluate(valid_names, references, valid_batches, run.eval)
     trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="cider", mode="max",
@@ -658,7 +665,7 @@ def _attention_png_name(path: str, root: str) -> str:
 
 
 def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: GenerationConfig | None = None, *,
-                   batch_size: int = 64, num_workers: int = 2, recursive: bool = False,
+                   batch_size: int = 64, num_workers: int | None = None, recursive: bool = False,
                    follow_symlinks: bool = False, resume: bool = True, attention_png_dir: str | None = None,
                    skipped_path: str | None = None, progress: bool = True,
                    log: Callable[[str], None] | None = None) -> FolderSummary:
@@ -676,6 +683,8 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
     gen.validate()
     if batch_size < 1:
         raise SeqgenError(f"--batch-size must be >= 1, got {batch_size}")
+    if num_workers is None:
+        num_workers = default_num_workers(model.device)
     if num_workers < 0:
         raise SeqgenError(f"--num-workers must be >= 0, got {num_workers}")
     if not inputs:
@@ -738,7 +747,10 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
         for batch in loader:
             skipped.extend(batch.failed)
             if batch.images is not None:
-                captions = caption_tensor(model, batch.images, gen)
+                with report_out_of_memory(f"captioning a batch of {len(batch.indices)} images (beam {gen.beam})",
+                                          f"lower --batch-size (now {batch_size}) or --beam; the finished batches "
+                                          f"are kept in {out_path}: run again to continue"):
+                    captions = caption_tensor(model, batch.images, gen)
                 _append(f, _records(fmt, batch.indices, captions), out_path)   # a kill loses at most one batch
                 summary.captioned += len(captions)
                 if attention_png_dir:

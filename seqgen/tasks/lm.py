@@ -90,6 +90,8 @@ def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides:
                                      vocab_keys=("level", "min_freq", "max_vocab", "vocab_size"),
                                      model_sections=("decoder",))
         codec = model.tgt
+    elif not run.data.text:   # (a --resume of a run killed before its first checkpoint starts it anew)
+        raise SeqgenError("--text is required: the UTF-8 text file to train on")
     text = read_text(run.data.text)
     train_text, valid_text = split_text(text, run.data.valid_fraction)
     if not resume_path:
@@ -100,7 +102,7 @@ def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides:
     train_ids = torch.tensor(codec.encode(train_text), dtype=torch.long)
     valid_ids = torch.tensor(codec.encode(valid_text), dtype=torch.long)
     data = LMBatches(train_ids, seq_len=run.data.seq_len, batch_size=run.data.batch_size,
-                     bos=codec.vocab.bos, seed=run.train.seed)
+                     bos=codec.vocab.bos, seed=run.train.seed, name=run.data.text)
     evaluate = make_evaluate(valid_ids, run.data.seq_len, 8, codec.vocab.bos, codec.vocab.pad)
     trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="loss", mode="min",
                       run_config=to_dict(run), log=log)

@@ -13,6 +13,7 @@ sacreBLEU (cased, 13a), which picks the best checkpoint and drives early stoppin
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 import warnings
@@ -29,7 +30,7 @@ from seqgen.data.parallel import ParallelCorpus, filter_by_length, read_parallel
 from seqgen.data.text import read_bytes
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.encoders.rnn import RNNEncoderConfig
-from seqgen.errors import SeqgenError
+from seqgen.errors import SeqgenError, report_out_of_memory
 from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
 from seqgen.tokenizers import SubwordTokenizer, TextCodec
 from seqgen.train import (Trainer, TrainConfig, TrainState, check_out_dir, load_resume_run,
@@ -179,7 +180,7 @@ def training_batches(corpus: ParallelCorpus, src_codec: TextCodec, tgt_codec: Te
     tgt_ids = [tgt_codec.encode(t) for t in corpus.tgt]
     keep, dropped = filter_by_length([s[:-1] for s in src_ids], tgt_ids, data.max_len)
     if dropped and warn is not None:
-        warn(f"warning: {name}: filtered {dropped} of {len(src_ids)} pair(s) longer than --max-len "
+        warn(f"seqgen: warning: {name}: filtered {dropped} of {len(src_ids)} pair(s) longer than --max-len "
              f"{data.max_len} tokens")
     if not keep:
         raise SeqgenError(f"{name}: every pair is longer than --max-len {data.max_len} tokens; raise --max-len")
@@ -216,6 +217,11 @@ def _default_warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+# Characters that end a line for Python's universal newlines: a subword vocabulary can hold them (learned
+# from a lone CR in the training text), and one inside a translation would break one-line-per-sentence output.
+_LINE_BREAKS = re.compile("[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
 def _hypothesis_to_translation(model: Seq2Seq, hyp, src_tokens: list[str]) -> Translation:
     ids = [int(t) for t in hyp.tokens]                  # without bos and the final eos
     tgt_tokens = model.tgt.vocab.tokens(ids)
@@ -224,7 +230,7 @@ def _hypothesis_to_translation(model: Seq2Seq, hyp, src_tokens: list[str]) -> Tr
         if attn.size(0) > len(ids):                     # the step that wrote <eos> has attention too
             tgt_tokens.append(model.tgt.vocab.tokens([model.tgt.vocab.eos])[0])
         attn = attn[: len(tgt_tokens), : len(src_tokens)].detach().float().cpu()
-    return Translation(text=model.tgt.decode(ids), score=float(hyp.score), log_prob=float(hyp.log_prob),
+    return Translation(text=_LINE_BREAKS.sub(" ", model.tgt.decode(ids)), score=float(hyp.score), log_prob=float(hyp.log_prob),
                        source_tokens=src_tokens, target_tokens=tgt_tokens, attention=attn)
 
 
@@ -272,7 +278,9 @@ def translate_nbest(model: Seq2Seq, sentences: Sequence[str], gen: GenerationCon
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         tokens, lengths = pad_sequences([ids[i] for i in chunk], src.vocab.pad)
-        hyps = model.generate(tokens.to(device), lengths, gen=gen, generator=generator)
+        with report_out_of_memory(f"translating a batch of {len(chunk)} sentences x {tokens.size(1)} tokens "
+                                  f"(beam {gen.beam})", f"lower --batch-size (now {batch_size}) or --beam"):
+            hyps = model.generate(tokens.to(device), lengths, gen=gen, generator=generator)
         for i, hs in zip(chunk, hyps):
             src_tokens = src.vocab.tokens(ids[i])
             results[i] = [_hypothesis_to_translation(model, h, src_tokens) for h in hs]
@@ -356,7 +364,7 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
     valid, valid_name = read_corpus(d.src_valid, d.tgt_valid, d.valid_tsv, what="validation")
     for name, c in ((train_name, corpus), (valid_name, valid)):
         if c.skipped_empty:
-            say(f"warning: {name}: skipped {c.skipped_empty} pair(s) with an empty line on either side")
+            say(f"seqgen: warning: {name}: skipped {c.skipped_empty} pair(s) with an empty line on either side")
     if len(corpus) == 0 or len(valid) == 0:
         raise SeqgenError(f"{train_name if len(corpus) == 0 else valid_name}: no sentence pairs left after "
                           f"skipping empty lines")
