@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from seqgen.bench import generation_rate
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.model import GenerationConfig, load_model
 from seqgen.tasks.lm import LMDataConfig, LMRunConfig, generate_text, train_lm
@@ -28,14 +29,6 @@ from seqgen.train import TrainConfig
 def default_text() -> str | None:
     root = os.environ.get("SEQGEN_DATA")
     return os.path.join(root, "tinyshakespeare", "input.txt") if root else None
-
-
-def measure_generation(model, n_chars: int, gen: GenerationConfig, seed: int) -> float:
-    """Characters generated per second at batch 1 (prompt excluded)."""
-    generate_text(model, "ROMEO:", GenerationConfig(**{**gen.__dict__, "max_len": 20}), seed=seed)  # warm-up
-    t0 = time.perf_counter()
-    text = generate_text(model, "ROMEO:", gen, seed=seed)[0]
-    return (len(text) - len("ROMEO:")) / (time.perf_counter() - t0)
 
 
 def main() -> int:
@@ -79,9 +72,9 @@ def main() -> int:
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     curve = [(r["step"], r["eval"]["loss"]) for r in records if "eval" in r]
     model = load_model(os.path.join(args.out, "best.pt"))
-    sample_cps = measure_generation(model, args.gen_chars, GenerationConfig(temperature=0.8, max_len=args.gen_chars),
-                                    args.seed)
-    greedy_cps = measure_generation(model, args.gen_chars, GenerationConfig(max_len=args.gen_chars), args.seed)
+    sample_cps = generation_rate(model, GenerationConfig(temperature=0.8, max_len=args.gen_chars), prompt="ROMEO:",
+                                 seed=args.seed)
+    greedy_cps = generation_rate(model, GenerationConfig(max_len=args.gen_chars), prompt="ROMEO:", seed=args.seed)
     params = sum(p.numel() for p in model.parameters())
     rows = [
         ("machine", f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"),

@@ -49,18 +49,18 @@ class RssSampler(threading.Thread):
 
     def __init__(self, every: float):
         super().__init__(daemon=True)
-        self.every, self.samples, self._stop = every, [], threading.Event()
+        self.every, self.samples, self._done = every, [], threading.Event()
         self.t0 = time.perf_counter()
 
     def run(self) -> None:
         pid = os.getpid()
-        while not self._stop.is_set():
+        while not self._done.is_set():
             workers = sum(rss_mib(c) for c in children(pid))
             self.samples.append((time.perf_counter() - self.t0, rss_mib(pid), workers))
-            self._stop.wait(self.every)
+            self._done.wait(self.every)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 

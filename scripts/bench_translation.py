@@ -12,8 +12,8 @@ Parts (--parts, comma separated; default all):
            hidden 512, 1-layer bi-GRU encoder, 1-layer GRU decoder, Bahdanau attention with input feeding,
            8k joint BPE, batch 64 sentences) and for the default configuration (same BPE and batch).
   decode   sentences/s decoding test_2016_flickr at batch 64, greedy and beam 5 (the quality model, or --model).
-  mfu      model FLOPs per target token (counted below, matmul FLOPs only) x tokens/s, divided by the float32
-           matmul FLOP/s measured in this run (needs speed).
+  mfu      model FLOPs per target token (seqgen.bench.forward_flops, matmul FLOPs only) x tokens/s, divided by
+           the float32 matmul FLOP/s measured in this run (needs speed).
 BLEU is sacreBLEU's default: cased, 13a tokenization, on detokenized output. Prints one table at the end.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from dataclasses import replace
 
 import torch
 
+from seqgen.bench import forward_flops, matmul_flops
 from seqgen.config import from_dict, load_yaml, merge, to_dict
 from seqgen.data.text import read_lines
 from seqgen.decoders.rnn import DecoderConfig
@@ -37,7 +38,7 @@ from seqgen.errors import SeqgenError
 from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq, load_model
 from seqgen.tasks.translation import (TranslationDataConfig, TranslationRunConfig, build_codecs, corpus_scores,
                                       read_corpus, train_translation, training_batches, translate)
-from seqgen.train import Trainer, TrainConfig
+from seqgen.train import Trainer, TrainConfig, autocast_dtype
 
 FILES = ("train.de", "train.en", "val.de", "val.en", "test_2016_flickr.de", "test_2016_flickr.en")
 
@@ -54,61 +55,6 @@ def joey_like() -> tuple[RNNEncoderConfig, DecoderConfig]:
                           tie_embeddings=False, dropout=0.2))
 
 
-# -- FLOPs ---------------------------------------------------------------------------------------------
-def _rnn_flops(cell: str, inp: int, hidden: int) -> int:
-    """Multiply-add FLOPs of one RNN step: input and recurrent matmuls of all gates."""
-    gates = 4 if cell == "lstm" else 3
-    return 2 * gates * hidden * (inp + hidden)
-
-
-def forward_flops(enc: RNNEncoderConfig, dec: DecoderConfig, tgt_vocab: int, src_per_tgt: float,
-                  attended: float) -> dict[str, float]:
-    """Forward FLOPs per target token, matmuls only (elementwise ops, softmax, embeddings lookups not counted).
-
-    src_per_tgt: source tokens per target token in the data; attended: mean number of source positions each
-    target token attends over (target-weighted mean source length).
-    """
-    dirs = 2 if enc.bidirectional else 1
-    mem = enc.hidden * dirs
-    enc_tok = dirs * (_rnn_flops(enc.cell, enc.emb, enc.hidden)
-                      + (enc.layers - 1) * _rnn_flops(enc.cell, mem, enc.hidden))
-    out = dec.emb if dec.tie_embeddings else dec.hidden
-    has_attn = dec.attention != "none"
-    feed = out if dec.input_feeding and has_attn else 0
-    dec_rnn = _rnn_flops(dec.cell, dec.emb + feed, dec.hidden) + (dec.layers - 1) * _rnn_flops(dec.cell, dec.hidden, dec.hidden)
-    attn, keys = 0.0, 0.0
-    if dec.attention == "bahdanau":
-        a = dec.hidden
-        keys = 2 * mem * a                                    # per source token, once per sentence
-        attn = 2 * dec.hidden * a + 2 * a * attended + 2 * attended * mem   # query proj, energy, context
-    elif dec.attention == "luong_general":
-        attn = 2 * dec.hidden * mem + 2 * attended * mem * 2  # query proj, scores, context
-    elif dec.attention == "luong_dot":
-        attn = 2 * attended * mem * 2
-    pre = 2 * (dec.hidden + (mem if has_attn else 0)) * out if (has_attn or dec.hidden != out) else 0
-    logits = 2 * out * tgt_vocab
-    per_tgt = dec_rnn + attn + pre + logits + src_per_tgt * (enc_tok + keys)
-    return {"encoder": src_per_tgt * (enc_tok + keys), "decoder_rnn": dec_rnn, "attention": attn,
-            "pre_output": pre, "output_layer": logits, "total": per_tgt}
-
-
-def matmul_flops(seconds: float = 4.0, sizes: tuple[int, ...] = (512, 1024, 2048)) -> float:
-    """Best float32 matmul FLOP/s over a few square sizes on the current threads."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)
-        reps, t0 = 0, time.perf_counter()
-        while True:
-            torch.mm(a, b)
-            reps += 1
-            elapsed = time.perf_counter() - t0
-            if elapsed >= seconds / len(sizes):
-                break
-        best = max(best, 2 * n ** 3 * reps / elapsed)
-    return best
-
-
 # -- parts ---------------------------------------------------------------------------------------------
 def data_config(d: str, **kw) -> TranslationDataConfig:
     return TranslationDataConfig(src_train=os.path.join(d, "train.de"), tgt_train=os.path.join(d, "train.en"),
@@ -116,7 +62,7 @@ def data_config(d: str, **kw) -> TranslationDataConfig:
 
 
 def run_quality(args, run: TranslationRunConfig, out: str) -> dict:
-    run = replace(run, train=replace(run.train, time_budget=args.minutes, max_steps=10 ** 9,
+    run = replace(run, train=replace(run.train, time_budget=args.minutes, max_steps=10 ** 9, amp=args.amp,
                                      eval_every=args.eval_every, checkpoint_every=args.eval_every,
                                      progress=False, device="cpu"))
     t0 = time.perf_counter()
@@ -143,7 +89,8 @@ def run_speed(args, name: str, enc: RNNEncoderConfig, dec: DecoderConfig, codecs
     torch.manual_seed(1)
     model = Seq2Seq(ModelConfig(task="translation", text_encoder=enc, decoder=dec), tgt=tgt_codec, src=src_codec)
     cfg = TrainConfig(lr=1e-3, warmup_steps=100, max_steps=10 ** 9, time_budget=args.speed_seconds / 60,
-                      eval_every=10 ** 9, checkpoint_every=10 ** 9, log_every=5, progress=False, device="cpu")
+                      eval_every=10 ** 9, checkpoint_every=10 ** 9, log_every=5, progress=False, device="cpu",
+                      amp=args.amp)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, data, lambda m: {"bleu": 0.0}, cfg, tmp, metric="bleu", mode="max",
                           log=lambda m: None)
@@ -186,6 +133,8 @@ def main() -> int:
     p.add_argument("--speed-seconds", type=float, default=90.0, help="speed: training seconds per configuration")
     p.add_argument("--speed-sentences", type=int, default=0, help="speed: use the first N training pairs (0 = all)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"],
+                   help="mixed precision for quality and speed (auto: bf16 where the CPU has it natively)")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     if unknown := parts - {"quality", "speed", "decode", "mfu"}:
@@ -206,9 +155,16 @@ def main() -> int:
     rows: list[tuple[str, str, str]] = [
         ("machine", f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                     f"torch {torch.__version__}", "")]
-    peak = matmul_flops() if {"speed", "mfu"} & parts else None
-    if peak:
-        rows.append(("float32 matmul peak (measured)", f"{peak / 1e9:,.1f} GFLOP/s", ""))
+    # MFU is measured against the matmul rate of the precision training runs in (bf16 under autocast)
+    amp_dtype = autocast_dtype(args.amp, torch.device("cpu"))
+    peak = peak_fp32 = None
+    if {"speed", "mfu"} & parts:
+        peak = peak_fp32 = matmul_flops()
+        rows.append(("float32 matmul peak (measured)", f"{peak_fp32 / 1e9:,.1f} GFLOP/s", ""))
+        if amp_dtype is not None:
+            peak = matmul_flops(dtype=amp_dtype)
+            rows.append((f"{str(amp_dtype).removeprefix('torch.')} matmul peak (measured; training runs under "
+                         f"--amp {args.amp})", f"{peak / 1e9:,.1f} GFLOP/s", ""))
 
     quality = None
     if "quality" in parts:
@@ -247,7 +203,8 @@ def main() -> int:
             achieved = s["train_flops_per_token"] * s["tokens_per_s"]
             rows.append((f"MFU training, {name}", f"{100 * achieved / peak:.1f}% ({s['train_flops_per_token'] / 1e6:.2f} "
                                                   f"MFLOP/token x {s['tokens_per_s']:,.0f} tok/s = "
-                                                  f"{achieved / 1e9:.2f} GFLOP/s)", ">= 40%"))
+                                                  f"{achieved / 1e9:.2f} GFLOP/s; "
+                                                  f"{100 * achieved / peak_fp32:.1f}% of the fp32 rate)", ">= 40%"))
 
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)

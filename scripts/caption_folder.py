@@ -4,6 +4,8 @@
     python scripts/caption_folder.py runs/cap/best.pt photos/ --out captions.jsonl
     python scripts/caption_folder.py runs/cap/best.pt photos/ --out captions.csv --recursive --beam 5 \\
         --batch-size 64 --attention-png attention/ --skipped skipped.tsv
+    torchrun --nproc_per_node 4 scripts/caption_folder.py runs/cap/best.pt photos/ --out captions.jsonl
+        # 4 processes (one per GPU, or sharing the CPU cores), each captioning every 4th batch; one merged file
 
 Streams the folder (bounded memory however many images), decodes images in --num-workers processes, runs
 the CNN and beam search 64 images at a time and appends {"image", "caption", "score"} records (JSONL, or CSV

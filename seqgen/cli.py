@@ -1,4 +1,4 @@
-"""`seqgen` command line: train, generate, translate, evaluate, caption, demo.
+"""`seqgen` command line: train, generate, translate, evaluate, caption, demo, bench.
 
 Flags come from the same dataclasses as the YAML configs (seqgen.config), so every config key is also a
 flag. Library errors (`SeqgenError`) become one line `seqgen: error: ...` and exit status 2.
@@ -10,7 +10,7 @@ import sys
 import traceback
 
 from seqgen.config import add_dataclass_flags, add_run_flags, build_run_config, flags_to_dict, from_dict
-from seqgen.errors import SeqgenError
+from seqgen.errors import LINE_BREAKS, SeqgenError
 
 
 def _common_train_flags(p: argparse.ArgumentParser) -> None:
@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("caption", help="caption images or whole folders with a captioning model",
                        description="Writes one record per image to --out (JSONL or CSV by extension), flushed per "
                                    "batch; rerunning skips images already there. Beam search with --beam 5 unless "
-                                   "--greedy, --beam N or --temperature T is given.")
+                                   "--greedy, --beam N or --temperature T is given. Under torchrun "
+                                   "--nproc_per_node N each process captions every N-th batch into a part file "
+                                   "next to --out, and process 0 merges the parts into --out in listing order.")
     c.add_argument("checkpoint", help="a captioning checkpoint (best.pt)")
     c.add_argument("inputs", nargs="+", metavar="FOLDER_OR_FILE", help="image folders and/or image files")
     c.add_argument("--out", required=True, help="captions.jsonl ({image, caption, score} per line) or captions.csv")
@@ -110,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run", help="a run folder (with metrics.jsonl) or a metrics.jsonl file")
     plot.add_argument("--out", default=None, help="PNG path (default: RUN/curves.png)")
 
+    bench = sub.add_parser("bench", help="this machine's training, decoding, captioning and generation rates and "
+                                         "their model FLOPs utilisation (synthetic inputs, offline)",
+                           description="Prints one table: train tokens/s, decode sentences/s (greedy and beam 5), "
+                                       "caption images/s, char generation chars/s, each with its model FLOP/s and "
+                                       "MFU against the matmul rate measured in the same run (see seqgen.bench).")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    bench.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement (default: 5)")
+    bench.add_argument("--seed", type=int, default=1)
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    bench.add_argument("--json", metavar="FILE", help="also write the results here")
+    bench.add_argument("--tiny", action="store_true", help="toy model sizes: a smoke test in seconds")
+
     demo = sub.add_parser("demo", help="train a small model on bundled text and generate (offline, < 1 min)")
     demo.add_argument("--seconds", type=float, default=40.0, help="training budget (default: 40)")
     demo.add_argument("--out", default=None, help="keep the demo run here (default: a temp folder)")
@@ -117,11 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_once(message: str) -> None:
+    """Print in a single process, or in process 0 alone of a torchrun run (every process trains)."""
+    from seqgen.distributed import is_main_process
+    if is_main_process():
+        print(message)
+
+
 def cmd_train_lm(args: argparse.Namespace) -> int:
     from seqgen.tasks.lm import LMRunConfig, train_lm
     run, flags = build_run_config(LMRunConfig, args)
     state = train_lm(run, args.out, resume=args.resume, overrides=flags)
-    print(f"done: {state.step} steps, best validation loss {state.best:.4f}; model in {args.out}/best.pt")
+    _print_once(f"done: {state.step} steps, best validation loss {state.best:.4f}; model in {args.out}/best.pt")
     return 0
 
 
@@ -163,6 +184,22 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from seqgen.bench import BenchConfig, run_bench, tiny_config, write_json
+    if args.threads < 0:
+        raise SeqgenError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = {"seconds": args.seconds, "device": args.device, "seed": args.seed}
+    result = run_bench(tiny_config(**options) if args.tiny else BenchConfig(**options))
+    if args.json:
+        write_json(result, args.json)
+    print(result.table())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from seqgen.tasks.demo import run_demo
     run_demo(seconds=args.seconds, out=args.out, seed=args.seed)
@@ -175,7 +212,7 @@ def cmd_train_translation(args: argparse.Namespace) -> int:
     run, overrides = build_run_config(TranslationRunConfig, args)
     state = train_translation(run, args.out, resume=args.resume, overrides=overrides)
     best = f"{state.best:.2f}" if state.best is not None else "n/a"
-    print(f"done: {state.step} steps, best validation BLEU {best}; model in {args.out}/best.pt")
+    _print_once(f"done: {state.step} steps, best validation BLEU {best}; model in {args.out}/best.pt")
     return 0
 
 
@@ -308,25 +345,41 @@ def cmd_train_captioning(args: argparse.Namespace) -> int:
     run, overrides = build_run_config(CaptionRunConfig, args)
     state = train_captioning(run, args.out, resume=args.resume, overrides=overrides)
     best = f"{state.best:.3f}" if state.best is not None else "n/a"
-    print(f"done: {state.step} steps, best validation CIDEr-D {best}; model in {args.out}/best.pt")
+    _print_once(f"done: {state.step} steps, best validation CIDEr-D {best}; model in {args.out}/best.pt")
     return 0
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    from seqgen.distributed import entry_point
+    return entry_point(_caption)(args)   # under torchrun: closes the process group _caption opens
+
+
+def _caption(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from seqgen.distributed import launch_info, setup
     from seqgen.model import load_model
     from seqgen.tasks.captioning import caption_folder, output_format
-    from seqgen.train import resolve_device
     gen = _translation_gen(args)   # the same --greedy | --beam N | --temperature T rules, beam 5 by default
     output_format(args.out)        # an unknown extension fails before the model is loaded
-    model = load_model(args.checkpoint, device=resolve_device(args.device), task="captioning")
+    dist = setup(args.device)      # under torchrun: this process's share of the folder and its device
+    if dist.world > 1 and dist.device.type == "cpu":
+        # The processes on a machine share its cores: never more threads than cores // processes (torchrun
+        # sets OMP_NUM_THREADS=1 unless told otherwise; a launch without it would start one per core each).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(min(torch.get_num_threads(), max(1, cores // launch_info().local_world)))
+    model = load_model(args.checkpoint, device=dist.device, task="captioning")
     try:
         summary = caption_folder(model, args.inputs, args.out, gen, batch_size=args.batch_size,
                                  num_workers=args.num_workers, recursive=args.recursive,
                                  follow_symlinks=args.follow_symlinks, resume=not args.overwrite,
                                  attention_png_dir=args.attention_png, skipped_path=args.skipped,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, dist=dist)
     except KeyboardInterrupt:
-        print(f"seqgen: interrupted; {args.out} holds every finished batch: run the same command again to "
+        kept = args.out if dist.world == 1 else f"{args.out} and its part files"
+        print(f"seqgen: interrupted; every finished batch is kept in {kept}: run the same command again to "
               f"continue", file=sys.stderr)
         return 130
     if not summary.ok:
@@ -336,15 +389,15 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate, ("demo", None): cmd_demo,
-            ("plot", None): cmd_plot}
+            ("plot", None): cmd_plot, ("bench", None): cmd_bench}
 # COMMANDS.update(...) lines for translation / captioning go here
 COMMANDS.update({("train", "captioning"): cmd_train_captioning, ("caption", None): cmd_caption})
 COMMANDS.update({("train", "translation"): cmd_train_translation, ("translate", None): cmd_translate,
                  ("evaluate", None): cmd_evaluate})
 
 
-# Characters that end a line for a terminal or for str.splitlines(); a file name in a message may hold one.
-_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+# A file name in a message may hold a line break: escaped, so that the error stays one line.
+_ESCAPE_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in LINE_BREAKS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     except SeqgenError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"seqgen: error: {str(e).translate(_LINE_BREAKS)}", file=sys.stderr)
+        print(f"seqgen: error: {str(e).translate(_ESCAPE_LINE_BREAKS)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("seqgen: interrupted (the last checkpoint is intact; continue with --resume)", file=sys.stderr)

@@ -8,6 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# The characters that end a line for str.splitlines() and Python's universal newlines (and most terminals):
+# escaped in error messages so that they stay one line, replaced in one-line-per-item outputs.
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
 # How the CPU allocator words a failed allocation (Linux/macOS, Windows): a RuntimeError, not torch.OutOfMemoryError.
 _CPU_OOM_MESSAGES = ("can't allocate memory", "not enough memory")
 

@@ -31,7 +31,7 @@ LEVELS: tuple[str, ...] = ("char", "word", "subword")
 SPACE_MARK = "\u2581"  # "▁": marks a single space folded into the following token (sentencepiece's convention)
 # sentencepiece sees one line at a time and drops a trailing "\r" while training, so both line-break characters
 # are kept out of it and become tokens of their own.
-LINE_BREAKS: tuple[str, ...] = ("\n", "\r")
+_SPM_LINE_BREAKS: tuple[str, ...] = ("\n", "\r")
 _LINE_SPLIT = re.compile(r"([\n\r])")
 # sentencepiece refuses a str holding a lone surrogate; files never hold one, but a command-line argument with
 # undecodable bytes does (Python's surrogateescape), so the subword tokenizer reads it as U+FFFD.
@@ -229,7 +229,7 @@ class SubwordTokenizer:
         out: list[str] = []
         line: list[str] = []
         for t in tokens:
-            if t in LINE_BREAKS:
+            if t in _SPM_LINE_BREAKS:
                 out.append(self._sp.decode_pieces(line) if line else "")
                 out.append(t)
                 line = []
@@ -241,7 +241,7 @@ class SubwordTokenizer:
     def pieces(self) -> list[str]:
         """Returns the vocabulary pieces: "\\n", "\\r", then the model's pieces without its <unk>/control pieces."""
         sp = self._sp
-        return [*LINE_BREAKS] + [sp.id_to_piece(i) for i in range(sp.get_piece_size())
+        return [*_SPM_LINE_BREAKS] + [sp.id_to_piece(i) for i in range(sp.get_piece_size())
                             if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))]
 
     def __eq__(self, other: object) -> bool:

@@ -1,25 +1,42 @@
 """Trainer: the one training loop for every task.
 
 The task supplies a model, a `BatchSource` (its data loader) and an `evaluate` function returning
-metrics; everything else — optimiser, LR schedule, clipping, label smoothing, early stopping,
-checkpoints, exact resume, progress and the metrics log — lives here once.
+metrics; everything else — optimiser, LR schedule, clipping, label smoothing, mixed precision,
+torch.compile, gradient accumulation, data parallelism under torchrun, early stopping, checkpoints,
+exact resume, progress and the metrics log — lives here once.
+
+Data parallelism (seqgen/distributed.py). One optimizer step trains on a *global batch*: the next
+world x accumulate batches of the epoch's (deterministic) batch list, process r taking every world-th of
+them from the step's first position + r. Each process backpropagates its batches' share of the mean loss
+over all the step's target tokens (weight n_batch * world / n_step: DDP averages gradients over the
+processes), so a step equals one single-process step over the union of those batches, and a run with
+world W and accumulate A trains exactly like one with world 1 and accumulate W x A. The data position in
+the checkpoint counts batches of the global list, so a checkpoint resumes with any number of processes.
+Dropout masks come from a seed per (seed, step, batch slot in the step), never from saved RNG state, so
+resumed and uninterrupted runs, and runs with the same global batch on any world size, draw the same masks.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Protocol
+from typing import Callable, Iterable, Iterator, Literal, Protocol
 
 import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from seqgen.checkpoint import load_checkpoint, remove_partial_writes, save_checkpoint
 from seqgen.config import from_dict, merge, to_dict
 from seqgen.data.batch import Batch
-from seqgen.errors import SeqgenError, report_out_of_memory
+from seqgen.data.batching import shard_positions
+from seqgen.distributed import Distributed, resolve_device, setup  # noqa: F401  (resolve_device: re-exported)
+from seqgen.errors import SeqgenError, is_out_of_memory, report_out_of_memory
 from seqgen.model import Seq2Seq
 
 
@@ -42,17 +59,22 @@ class TrainConfig:
     checkpoint_every: int = 500
     patience: int = 0                # early stopping: evals without improvement before stopping; 0 = never
     max_bad_steps: int = 5           # consecutive non-finite losses before training stops
+    accumulate: int = 1              # batches per process per optimizer step (a step: processes x accumulate)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"   # autocast; auto = bf16 where the hardware has it
+    compile: bool = False            # torch.compile the training forward (falls back to eager with a warning)
     seed: int = 1
-    device: str = "auto"
+    device: str = "auto"             # under torchrun: auto/cuda = the GPU of each process's LOCAL_RANK
     progress: bool = True
 
 
 class BatchSource(Protocol):
-    """A task's training data: deterministic batches per epoch, restartable at any batch index."""
+    """A task's training data: a deterministic list of batches per epoch; any slice of it can be iterated
+    (a resumed run starts at its position, each data-parallel process takes every world-th batch)."""
 
     def num_batches(self, epoch: int) -> int: ...
 
-    def iter_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]: ...
+    def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1
+                     ) -> Iterator[Batch]: ...
 
 
 Evaluate = Callable[[Seq2Seq], dict[str, float]]
@@ -60,7 +82,11 @@ Evaluate = Callable[[Seq2Seq], dict[str, float]]
 
 @dataclass
 class TrainState:
-    """Where training is; saved in every checkpoint so that --resume continues exactly."""
+    """Where training is; saved in every checkpoint so that --resume continues exactly.
+
+    batch_in_epoch counts the batches of the epoch's list consumed by all processes together (world x
+    accumulate per step), so the position means the same with any number of processes.
+    """
 
     step: int = 0
     epoch: int = 0
@@ -73,16 +99,45 @@ class TrainState:
     history: list = field(default_factory=list)  # (step, metric) of every evaluation
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SeqgenError(f"--device: unknown device {name!r} (use auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SeqgenError("--device cuda: no CUDA GPU is available on this machine")
-    return device
+def native_bf16(device: torch.device) -> bool:
+    """True where bfloat16 matmuls run in hardware: a CUDA GPU with bf16 (Ampere on), or a CPU with
+    AVX512-BF16 or AMX. Elsewhere bf16 is emulated, slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":   # private probes (no public API yet): a torch without them answers False
+        return any(getattr(torch.cpu, probe, lambda: False)()
+                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def autocast_dtype(amp: str, device: torch.device, *, bf16: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype of TrainConfig.amp on `device`; None = no autocast (float32 throughout).
+
+    auto: bfloat16 where the hardware has it (`native_bf16`), else off. Measured on a 2-core AMD EPYC with
+    AVX512-BF16, one thread: bf16 autocast trained a GRU translation model 2.3x and a char LSTM LM 1.5x
+    faster than float32, with the same loss curves. fp16 needs loss scaling (the Trainer's GradScaler) and
+    is for GPUs without bf16. bf16: whether `device` has native bfloat16 (for tests; default asks it).
+    """
+    if amp not in ("auto", "off", "bf16", "fp16"):
+        raise SeqgenError(f"--amp must be one of auto, off, bf16, fp16, got {amp!r}")
+    bf16 = native_bf16(device) if bf16 is None else bf16
+    if amp == "off" or (amp == "auto" and not bf16):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda" and not bf16:
+        raise SeqgenError(f"--amp bf16: {device} has no bfloat16; use --amp fp16 or off")
+    return torch.bfloat16
+
+
+def dropout_seed(seed: int, step: int, slot: int) -> int:
+    """Seed of torch's global RNG (dropout) for batch `slot` of optimizer step `step`.
+
+    slot = position of the batch in the step's global batch (micro-batch j of process r: j * world + r),
+    so the masks depend on what is trained, not on which process trains it or on restarts.
+    """
+    # Large odd multipliers keep nearby (seed, step, slot) triples far apart.
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + slot * 0x94D049BB133111EB) % (1 << 63)
 
 
 def lr_factor(cfg: TrainConfig, state: TrainState) -> float:
@@ -101,20 +156,48 @@ def lr_factor(cfg: TrainConfig, state: TrainState) -> float:
     return 1.0
 
 
+class _TrainingLoss(nn.Module):
+    """`model.loss` as a module's forward: what DistributedDataParallel wraps and torch.compile compiles."""
+
+    def __init__(self, model: Seq2Seq, label_smoothing: float):
+        super().__init__()
+        self.model, self.label_smoothing = model, label_smoothing
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Mean cross-entropy (scalar) over the batch's target tokens."""
+        return self.model.loss(batch, self.label_smoothing)[0]
+
+
+def _silent(_message: str) -> None:
+    pass
+
+
+def _steps_of(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """Consecutive groups of `size` batches (one optimizer step's share of this process)."""
+    it = iter(batches)
+    while group := list(itertools.islice(it, size)):
+        yield group
+
+
 class Trainer:
     """Trains `model` on `data`, evaluating with `evaluate` and keeping checkpoints in `out_dir`.
 
     metric: the key of `evaluate`'s result used for best-checkpoint keeping and early stopping;
-    mode: "min" (loss) or "max" (BLEU, CIDEr).
+    mode: "min" (loss) or "max" (BLEU, CIDEr).  dist: this process's place in a torchrun run (default:
+    `seqgen.distributed.setup(cfg.device)`); process 0 alone logs, writes files and validates.
     """
 
     def __init__(self, model: Seq2Seq, data: BatchSource, evaluate: Evaluate, cfg: TrainConfig,
                  out_dir: str, *, metric: str = "loss", mode: Literal["min", "max"] = "min",
-                 run_config: dict | None = None, log: Callable[[str], None] | None = None):
+                 run_config: dict | None = None, log: Callable[[str], None] | None = None,
+                 dist: Distributed | None = None):
+        if cfg.accumulate < 1:
+            raise SeqgenError(f"--accumulate must be >= 1, got {cfg.accumulate}")
         self.cfg, self.data, self.evaluate = cfg, data, evaluate
         self.out_dir, self.metric, self.mode = out_dir, metric, mode
         self.run_config = run_config or {}
-        self.device = resolve_device(cfg.device)
+        self.dist = dist or setup(cfg.device)
+        self.device = self.dist.device
         self.model = model.to(self.device)
         self.pad = model.tgt.vocab.pad
         params = [p for p in model.parameters() if p.requires_grad]
@@ -124,16 +207,43 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(0.9, 0.98))
+        self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        # fp16 gradients underflow without loss scaling; with anything else the scaler is a no-op
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = TrainState()
         self._wall0 = time.perf_counter()
-        self.log = log or (lambda msg: tqdm.write(msg))
-        os.makedirs(out_dir, exist_ok=True)
+        self._mark = self._wall0           # end of the last step's bookkeeping: train_seconds counts from it
+        self.log = (log or (lambda msg: tqdm.write(msg))) if self.dist.is_main else _silent
         self.last_path = os.path.join(out_dir, "last.pt")
         self.best_path = os.path.join(out_dir, "best.pt")
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self._saved_step: int | None = None   # step of the last.pt on disk, for the out-of-memory advice
-        for path in (self.last_path, self.best_path):  # what a run killed mid-save left behind
-            remove_partial_writes(path)
+        if self.dist.is_main:
+            os.makedirs(out_dir, exist_ok=True)
+            for path in (self.last_path, self.best_path):  # what a run killed mid-save left behind
+                remove_partial_writes(path)
+        training_loss = _TrainingLoss(self.model, cfg.label_smoothing)
+        self._ddp: nn.parallel.DistributedDataParallel | None = None
+        if self.dist.world > 1:
+            self._check_same_vocabularies()   # also makes every process finish check_out_dir before 0 writes
+            # device_ids=None: batches are already on the device (DDP would also move the source lengths,
+            # which packing wants on the CPU); its construction copies process 0's weights to the others.
+            self._ddp = nn.parallel.DistributedDataParallel(training_loss, device_ids=None)
+        self._eager = self._ddp or training_loss
+        self._forward = torch.compile(self._eager) if cfg.compile else self._eager
+
+    def _check_same_vocabularies(self) -> None:
+        """Every process built its vocabulary itself (from the same data); refuse to train if they differ."""
+        h = hashlib.sha256()
+        for codec in (self.model.tgt, self.model.src):
+            if codec is not None:
+                h.update("\n".join(codec.vocab.to_list()).encode("utf-8", "surrogatepass"))
+                h.update(getattr(codec.tokenizer, "model_proto", b"") or b"")
+        digests = self.dist.all_gather(h.hexdigest())
+        if len(set(digests)) > 1:
+            raise SeqgenError(f"the {self.dist.world} processes built different vocabularies from the training "
+                              f"data; pass fixed sentencepiece models (--src-spm/--tgt-spm) or resume from a "
+                              f"checkpoint made by one process")
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def _payload(self, with_trainer: bool) -> dict:
@@ -141,16 +251,16 @@ class Trainer:
         payload["run_config"] = json.dumps(self.run_config)
         payload["metrics"] = json.dumps({"step": self.state.step, "best": self.state.best})
         if with_trainer:
-            payload["trainer"] = {
-                "state": json.dumps(to_dict(self.state)),
-                "optimizer": self.optimizer.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            }
+            # No RNG state: dropout is reseeded from (seed, step, slot) every step (see dropout_seed).
+            payload["trainer"] = {"state": json.dumps(to_dict(self.state)), "optimizer": self.optimizer.state_dict()}
+            if self.scaler.is_enabled():
+                payload["trainer"]["grad_scaler"] = self.scaler.state_dict()
         return payload
 
     def save(self) -> None:
-        self._save(self.last_path, with_trainer=True)
+        """Write last.pt (process 0; the others only note the step)."""
+        if self.dist.is_main:
+            self._save(self.last_path, with_trainer=True)
         self._saved_step = self.state.step
 
     def _save(self, path: str, with_trainer: bool) -> None:
@@ -162,7 +272,10 @@ class Trainer:
                               f"with --resume") from None
 
     def resume(self, path: str | None = None) -> None:
-        """Restore model, optimiser, RNG, data position and schedule from `path` (default: last.pt)."""
+        """Restore model, optimiser, data position and schedule from `path` (default: last.pt).
+
+        Every process reads the file; it may have been written by a run with another number of processes.
+        """
         path = path or self.last_path
         payload = load_checkpoint(path)
         if "trainer" not in payload:
@@ -177,10 +290,9 @@ class Trainer:
                               f"({str(e).splitlines()[0][:160]})") from None
         tr = payload["trainer"]
         self.optimizer.load_state_dict(tr["optimizer"])
+        if self.scaler.is_enabled() and "grad_scaler" in tr:
+            self.scaler.load_state_dict(tr["grad_scaler"])
         self.state = from_dict(TrainState, json.loads(tr["state"]), where=path)
-        torch.set_rng_state(tr["rng_cpu"])
-        if tr["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(tr["rng_cuda"])
         self._saved_step = self.state.step
         self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                   f"batch {self.state.batch_in_epoch})")
@@ -207,6 +319,8 @@ class Trainer:
         os.replace(tmp, self.metrics_path)
 
     def _write_metrics(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -245,6 +359,16 @@ class Trainer:
         self._write_metrics({"step": st.step, "eval": metrics, "best": st.best})
         return bool(self.cfg.patience and st.bad_evals >= self.cfg.patience)
 
+    def _eval_and_share(self) -> bool:
+        """`run_eval` on process 0 while the others wait; then every process holds its TrainState (best,
+        plateau LR factor, early-stopping count) and its decision to stop."""
+        stop = self.run_eval() if self.dist.is_main else False
+        if self.dist.world > 1:
+            state, stop = self.dist.broadcast((to_dict(self.state), stop))
+            for key, value in state.items():
+                setattr(self.state, key, value)
+        return stop
+
     def _batch_advice(self, key: str) -> str:
         """What to lower after running out of memory: the run config's `data.<key>` (or its token budget)."""
         data = self.run_config.get("data", {})
@@ -259,42 +383,99 @@ class Trainer:
         return (f"lower {flag} and continue with --resume: {self.last_path} of step {self._saved_step} "
                 f"is intact")
 
+    # -- one step --------------------------------------------------------------------------------------
+    def _loss(self, batch: Batch) -> Tensor:
+        """The training forward (DDP-wrapped, compiled); a compilation failure falls back to eager once."""
+        if self._forward is self._eager:
+            return self._eager(batch)
+        try:
+            return self._forward(batch)
+        except Exception as e:  # no C++ compiler, an unsupported op...: train without it
+            if isinstance(e, SeqgenError) or is_out_of_memory(e):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            self.log(f"seqgen: warning: --compile failed ({type(e).__name__}: {first}); training without it")
+            self._forward = self._eager
+            return self._eager(batch)
+
+    def _step(self, batches: list[Batch]) -> tuple[float, int, bool]:
+        """One optimizer step; `batches`: this process's share of the global batch (`accumulate` batches).
+
+        Returns the step's mean loss per target token and its token count over all processes, and whether
+        the loss was finite everywhere (when not, no process updates: the step is skipped).
+        """
+        cfg, st, dist = self.cfg, self.state, self.dist
+        counts = [b.num_target_tokens(self.pad) for b in batches]
+        total = sum(counts) if dist.world == 1 else int(dist.all_sum([sum(counts)])[0])
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, st)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for j, (batch, n) in enumerate(zip(batches, counts)):
+            shape = f"{batch.target.size(0)} sequences x {batch.target.size(1) - 1} tokens"
+            with report_out_of_memory(f"at step {st.step + 1} on a batch of {shape}",
+                                      self._batch_advice("batch_size")):
+                torch.manual_seed(dropout_seed(cfg.seed, st.step, j * dist.world + dist.rank))
+                batch = batch.to(self.device)
+                # gradients are all-reduced once per step, after the last batch's backward
+                last = j == len(batches) - 1
+                with self._ddp.no_sync() if self._ddp is not None and not last else nullcontext():
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                        enabled=self.amp_dtype is not None):
+                        loss = self._loss(batch)
+                    # this batch's share of the mean over all the step's tokens (DDP averages over processes)
+                    weight = n * dist.world / total
+                    self.scaler.scale(loss if weight == 1.0 else loss * weight).backward()
+                loss_sum += loss.detach().float() * n
+        local = float(loss_sum)
+        # one all-reduce: the step's loss, whether any process saw a non-finite one, and the time spent, so
+        # that every process takes the same skip / time-budget decisions
+        loss_total, bad, seconds = dist.all_sum([local, 0.0 if math.isfinite(local) else 1.0,
+                                                 time.perf_counter() - self._mark])
+        self._mark = time.perf_counter()
+        st.train_seconds += seconds / dist.world
+        if bad:
+            return loss_total / total, total, False
+        with report_out_of_memory(f"at step {st.step + 1} in the optimizer update", self._batch_advice("batch_size")):
+            if cfg.clip_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return loss_total / total, total, True
+
     # -- the loop --------------------------------------------------------------------------------------
     def train(self) -> TrainState:
         """Train until max_steps, max_epochs, the time budget or early stopping; returns the final state."""
-        cfg, st, model = self.cfg, self.state, self.model
-        model.train()
-        self._truncate_metrics_log()
+        cfg, st, dist = self.cfg, self.state, self.dist
+        self.model.train()
+        if dist.is_main:
+            self._truncate_metrics_log()
         if st.step == 0:  # a run killed before its first step checkpoint resumes from here (and best.pt
             self.save()   # never exists without a last.pt)
-        bar = tqdm(total=cfg.max_steps, initial=st.step, disable=not cfg.progress, desc="train",
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=st.step, disable=not (cfg.progress and dist.is_main),
+                   desc="train", unit="step", dynamic_ncols=True)
+        per_step = dist.world * cfg.accumulate          # batches of the global list per optimizer step
         window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
+        self._mark = time.perf_counter()
         bad_steps, stop = 0, st.step >= cfg.max_steps
         while not stop and st.epoch < cfg.max_epochs:
-            if st.batch_in_epoch >= self.data.num_batches(st.epoch):
+            n_batches = self.data.num_batches(st.epoch)
+            mine = shard_positions(n_batches, dist.rank, dist.world, start=st.batch_in_epoch, group=per_step)
+            if not mine:   # the epoch has no whole step left
+                if st.batch_in_epoch == 0:
+                    raise SeqgenError(f"epoch {st.epoch} has {n_batches} batches, fewer than one step needs "
+                                      f"({dist.world} process(es) x --accumulate {cfg.accumulate}); use smaller "
+                                      f"batches, fewer processes or a lower --accumulate")
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
                 continue
-            for batch in self.data.iter_batches(st.epoch, st.batch_in_epoch):
-                t0 = time.perf_counter()
-                shape = f"{batch.target.size(0)} sequences x {batch.target.size(1) - 1} tokens"
-                with report_out_of_memory(f"at step {st.step + 1} on a batch of {shape}",
-                                          self._batch_advice("batch_size")):
-                    batch = batch.to(self.device)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = cfg.lr * lr_factor(cfg, st)
-                    loss, n_tok = model.loss(batch, cfg.label_smoothing)
-                    finite = bool(torch.isfinite(loss))
-                    if finite:
-                        self.optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        if cfg.clip_norm > 0:
-                            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-                        self.optimizer.step()
-                st.batch_in_epoch += 1
+            for batches in _steps_of(self.data.iter_batches(st.epoch, mine.start, mine.stop, mine.step),
+                                     cfg.accumulate):
+                loss, n_tok, finite = self._step(batches)
+                st.batch_in_epoch += per_step
                 if not finite:
                     bad_steps += 1
-                    self.log(f"step {st.step}: non-finite loss ({loss.item()}), batch skipped "
+                    self.log(f"step {st.step}: non-finite loss ({loss}), batch skipped "
                               f"({bad_steps}/{cfg.max_bad_steps})")
                     self._write_metrics({"step": st.step, "skipped": "non-finite loss"})
                     if bad_steps >= cfg.max_bad_steps:
@@ -304,9 +485,8 @@ class Trainer:
                     continue
                 bad_steps = 0
                 st.step += 1
-                st.train_seconds += time.perf_counter() - t0
                 window_tokens += n_tok
-                window_loss += loss.item()
+                window_loss += loss
                 window_steps += 1
                 bar.update(1)
                 if st.step % cfg.log_every == 0 or st.step == cfg.max_steps:
@@ -321,15 +501,16 @@ class Trainer:
                 out_of_time = cfg.time_budget > 0 and st.train_seconds >= cfg.time_budget * 60
                 stop = st.step >= cfg.max_steps or out_of_time
                 if st.step % cfg.eval_every == 0 or stop:
-                    stop = self.run_eval() or stop
-                    window_start = time.perf_counter()
+                    stop = self._eval_and_share() or stop
+                    window_start = self._mark = time.perf_counter()   # evaluation is not training time
                 if st.step % cfg.checkpoint_every == 0 or st.step % cfg.eval_every == 0 or stop:
                     self.save()
+                    self._mark = time.perf_counter()
                 if stop:
                     break
         bar.close()
         if st.step % cfg.eval_every != 0 and not stop:  # ran out of epochs between evaluations
-            self.run_eval()
+            self._eval_and_share()
             self.save()
         return st
 

@@ -114,3 +114,26 @@ def test_small_batch_cache_follows_weight_updates():
         after, _ = dec.step(tok, dec.init_state(None, 1))
         ref, _ = dec(tok.unsqueeze(1), dec.init_state(None, 1))
     torch.testing.assert_close(after, torch.log_softmax(ref[:, 0], -1), atol=1e-5, rtol=1e-5)
+
+
+def test_memory_dropout_only_in_training():
+    """memory_dropout drops encoder memory cells the attention reads, in training only; 0 = no module."""
+    torch.manual_seed(0)
+    assert RNNDecoder(DecoderConfig(attention="luong_general"), V, enc_state_size=HE,
+                      memory_size=HE).memory_dropout is None
+    cfg = DecoderConfig(emb=16, hidden=20, dropout=0.0, attention="luong_general", memory_dropout=0.5)
+    dec = RNNDecoder(cfg, V, enc_state_size=HE, memory_size=HE)
+    enc, tokens = make_enc(), torch.randint(0, V, (B, T))
+    run = lambda: dec(tokens, dec.init_state(enc, B), enc)[0]  # noqa: E731
+    dec.eval()
+    assert torch.equal(run(), run())
+    dec.train()
+    torch.manual_seed(1)
+    a = run()
+    torch.manual_seed(2)
+    assert not torch.allclose(a, run())
+    dec.memory_dropout.p = 0.0            # with nothing dropped, training and evaluation agree
+    dec.eval()
+    b = run()
+    dec.train()
+    assert torch.allclose(run(), b, atol=1e-6)

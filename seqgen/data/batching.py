@@ -26,6 +26,24 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tens
     return ids, lengths
 
 
+def shard_positions(num_batches: int, rank: int, world: int, *, start: int = 0, group: int | None = None) -> range:
+    """Positions in an epoch's batch list that process `rank` of `world` trains on, from position `start`.
+
+    One optimizer step consumes `group` consecutive batches (default: one per process; world x accumulate
+    with gradient accumulation), of which process r takes every world-th from the step's first position + r.
+    Only whole steps are handed out: the remainder of the epoch (fewer than `group` batches) is dropped, so
+    every process gets the same count (a process with fewer steps would leave the others waiting in
+    all-reduce). Returns a range to slice the list with, e.g. batches[p.start:p.stop:p.step].
+    """
+    group = world if group is None else group
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank={rank} world={world}")
+    if group < world or group % world:
+        raise ValueError(f"a step's batches ({group}) must be a multiple of the processes ({world})")
+    usable = start + max(0, num_batches - start) // group * group
+    return range(start + rank, max(usable, start + rank), world)
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     # One generator seed per (seed, epoch); the odd multiplier keeps (s, e) and (s + 1, e - k) apart.
     return (seed * 0x9E3779B97F4A7C15 + epoch) % (1 << 63)
@@ -110,15 +128,8 @@ class BucketBatchSampler:
 
     @staticmethod
     def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
-        """Every `world`-th batch starting at `rank`, for data-parallel training.
-
-        The remainder (len(batches) % world batches) is dropped so that every rank gets the same count
-        (a rank with fewer steps would leave the others waiting in all-reduce).
-        """
-        if world < 1 or not 0 <= rank < world:
-            raise ValueError(f"need 0 <= rank < world, got rank={rank} world={world}")
-        usable = len(batches) // world * world
-        return batches[rank:usable:world]
+        """Every `world`-th batch starting at `rank`, for data-parallel training (see `shard_positions`)."""
+        return [batches[i] for i in shard_positions(len(batches), rank, world)]
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch that `__iter__` and `__len__` refer to."""

@@ -121,12 +121,13 @@ class LMBatches:
     def num_batches(self, epoch: int) -> int:
         return -(-len(self._starts(epoch)) // self.batch_size)
 
-    def iter_batches(self, epoch: int, start: int = 0):
+    def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1):
+        """Batches [start:stop:step] of the epoch's list (a process's share under data parallelism)."""
         from seqgen.data.batch import Batch
 
         starts = self._starts(epoch)
         cols = torch.arange(self.seq_len)
-        for b in range(start, self.num_batches(epoch)):
+        for b in range(-(-len(starts) // self.batch_size))[start:stop:step]:
             s = starts[b * self.batch_size:(b + 1) * self.batch_size]
             windows = self.ids[s.unsqueeze(1) + cols]                      # [B, seq_len]
             bos = torch.full((len(s), 1), self.bos, dtype=torch.long)

@@ -26,6 +26,9 @@ class DecoderConfig:
     input_feeding: bool = False
     tie_embeddings: bool = True   # output layer shares the embedding matrix (the pre-output is projected to `emb`)
     dropout: float = 0.3
+    # Dropout on the encoder memory the attention reads (training only): image features from a frozen CNN
+    # are otherwise memorised within a few epochs (captioning); 0 leaves the memory untouched.
+    memory_dropout: float = 0.0
     bridge: bool = True           # initial hidden state = tanh(W * encoder state); False = zeros
 
 
@@ -60,6 +63,7 @@ class RNNDecoder(nn.Module):
         self.pre_output = (nn.Linear(pre_in, self.out_size)
                            if self.has_attention or pre_in != self.out_size else None)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.memory_dropout = nn.Dropout(cfg.memory_dropout) if cfg.memory_dropout > 0 else None
         self.output = nn.Linear(self.out_size, vocab_size)
         if cfg.tie_embeddings:
             # N(0, 1) embeddings would make the tied output layer's first logits huge (loss far above ln V)
@@ -176,6 +180,8 @@ class RNNDecoder(nn.Module):
         x = self.embed(tokens)
         if self.training:
             x = self.dropout(x)
+        if self.training and self.memory_dropout is not None and enc is not None and enc.memory is not None:
+            enc = dataclasses.replace(enc, memory=self.memory_dropout(enc.memory), keys=None)
         if self.attention is not None and enc is not None and enc.keys is None:
             enc = self.prepare(enc)
         if state.feed is None:

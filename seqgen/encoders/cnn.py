@@ -6,7 +6,8 @@ efficientnet_lite0 (ImageNet weights shipped by the `efficientnet-lite0-pytorch-
 `seqgen[lite]`) and `tiny`, a small from-scratch CNN for tests and synthetic tasks.
 
 The encoder takes unnormalised images — uint8 in [0, 255] (what `build_transform` makes) or floats in [0, 1] —
-and applies the normalisation its weights were trained with, so callers (data loaders, the feature cache, `caption()`) never need to know which backbone runs.
+and applies the normalisation its weights were trained with, so callers (data loaders, the feature cache,
+`caption()`) never need to know which backbone runs.
 """
 from __future__ import annotations
 

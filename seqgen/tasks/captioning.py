@@ -18,7 +18,8 @@ early stopping (`train.patience`).
 Folders. `caption_folder` streams image paths (bounded memory whatever the folder size), decodes images in
 DataLoader workers (a bad file becomes a "skipped" line with its reason, never a crash), runs the CNN and the
 batched beam search one batch at a time, and appends one record per image to a JSONL or CSV file, flushed per
-batch, so a killed run loses at most one batch and a rerun continues where it stopped.
+batch, so a killed run loses at most one batch and a rerun continues where it stopped. Under torchrun the
+processes share the batches and write part files that process 0 merges into the one output, in listing order.
 """
 from __future__ import annotations
 
@@ -44,13 +45,13 @@ from seqgen.data.batching import BucketBatchSampler, pad_sequences
 from seqgen.data.images import (ImageError, ImageFolderDataset, collate_images, default_num_workers,
                                 iter_image_paths, load_image, read_captions, read_split, to_rgb)
 from seqgen.decoders.rnn import DecoderConfig
+from seqgen.distributed import Distributed, entry_point, setup
 from seqgen.encoders.base import EncoderOutput
 from seqgen.encoders.cnn import CNNEncoderConfig, build_transform
 from seqgen.errors import SeqgenError, report_out_of_memory
 from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
 from seqgen.tokenizers import SPACE_MARK, TextCodec
-from seqgen.train import (Trainer, TrainConfig, TrainState, check_out_dir, load_resume_run, resolve_device,
-                          seed_everything)
+from seqgen.train import Trainer, TrainConfig, TrainState, check_out_dir, load_resume_run, seed_everything
 
 
 # -- configs ---------------------------------------------------------------------------------------
@@ -225,9 +226,10 @@ class CachedCaptionBatches:
     def num_batches(self, epoch: int) -> int:
         return len(self.sampler.batches(epoch))
 
-    def iter_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+    def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1) -> Iterator[Batch]:
+        """Batches [start:stop:step] of the epoch's list (a process's share under data parallelism)."""
         ex = self.examples
-        for idx in self.sampler.batches(epoch)[start:]:
+        for idx in self.sampler.batches(epoch)[start:stop:step]:
             target, _ = pad_sequences([ex.targets[i] for i in idx], self.pad)
             source = self.cache.get_rows([self.rows[ex.image_of[i]] for i in idx])
             yield Batch(target=target, source=source, index=torch.as_tensor(idx, dtype=torch.long))
@@ -284,8 +286,9 @@ class ImageCaptionBatches:
     def num_batches(self, epoch: int) -> int:
         return len(self.sampler.batches(epoch))
 
-    def iter_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        batches = self.sampler.batches(epoch)[start:]
+    def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1) -> Iterator[Batch]:
+        """Batches [start:stop:step] of the epoch's list: only these images are decoded."""
+        batches = self.sampler.batches(epoch)[start:stop:step]
         if not batches:
             return
         loader = torch.utils.data.DataLoader(
@@ -463,6 +466,7 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+@entry_point
 def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = False, overrides: dict | None = None,
                      log: Callable[[str], None] | None = None) -> TrainState:
     """Train (or resume) a captioning model; checkpoints and metrics.jsonl go to `out_dir`.
@@ -471,9 +475,9 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
     `data.feature_cache` (default OUT/features; reused when nothing changed) and training reads them there.
     Otherwise the images are decoded for every batch and the backbone trains (from `finetune_from` on).
     Validation CIDEr-D (decoding with `run.eval`) every `run.train.eval_every` steps picks best.pt and drives
-    early stopping (`run.train.patience`).
+    early stopping (`run.train.patience`). Under torchrun every process calls this (data parallelism, see
+    seqgen/distributed.py): process 0 computes the feature cache, the others then read it.
     """
-    say = log or _stderr
     resume_path = check_out_dir(out_dir, resume)
     model: Seq2Seq | None = None
     if resume_path:
@@ -481,6 +485,8 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
     d = run.data
     _check_data_config(d)
     run.eval.validate()
+    dist = setup(run.train.device)
+    say = (log or _stderr) if dist.is_main else (lambda _message: None)
     splits = load_splits(d, run.train.seed)
 
     if model is None:
@@ -508,7 +514,7 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
     valid_names = splits.valid[:d.valid_limit] if d.valid_limit else splits.valid
     references = [splits.captions[n] for n in valid_names]
 
-    device = resolve_device(run.train.device)
+    device = dist.device
     workers = d.num_workers if d.num_workers is not None else default_num_workers(device)
     transform = build_transform(model.config.image_encoder)
     pad = codec.vocab.pad
@@ -518,10 +524,11 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
         caches = {}
         for what, names in (("train", splits.train), ("valid", valid_names)):
             t0 = time.perf_counter()
-            caches[what] = FeatureCache.build(
-                os.path.join(cache_dir, what), names, [splits.path(n) for n in names], model.encoder, transform,
-                batch_size=64, num_workers=workers, device=device,
-                progress=run.train.progress, dtype=d.cache_dtype)
+            with dist.main_first():   # the others find the finished cache and reuse it
+                caches[what] = FeatureCache.build(
+                    os.path.join(cache_dir, what), names, [splits.path(n) for n in names], model.encoder, transform,
+                    batch_size=64, num_workers=workers, device=device,
+                    progress=run.train.progress and dist.is_main, dtype=d.cache_dtype)
             say(f"{what} features: {len(names):,} images in {cache_dir}/{what} ({time.perf_counter() - t0:.1f}s)")
         data = CachedCaptionBatches(caches["train"], caches["train"].rows(splits.train), examples, pad=pad,
                                     batch_size=d.batch_size, seed=run.train.seed)
@@ -535,7 +542,7 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
 
     evaluate = make_evaluate(valid_names, references, valid_batches, run.eval)
     trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="cider", mode="max",
-                      run_config=to_dict(run), log=log)
+                      run_config=to_dict(run), log=log, dist=dist)
     if resume_path:
         trainer.resume(resume_path)
     else:
@@ -588,73 +595,168 @@ def image_key(path: str) -> str:
     return os.path.normpath(path)
 
 
+def _read_records(path: str, fmt: str, *, repair: bool) -> list[tuple[str, str]]:
+    """(image key, record text) of every complete record of the captions file `path`; [] when it is missing.
+
+    A last record cut off by a kill (the bytes after the last newline) is left out and, with `repair`, cut
+    from the file (only the one process that appends to it may do that; its image is captioned again).
+    Anything that is not a seqgen captions file raises SeqgenError rather than being overwritten.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise SeqgenError(f"{path}: cannot read the earlier output ({e.strerror or e})") from None
+    end = data.rfind(b"\n") + 1          # everything after the last newline is an interrupted write
+    # surrogateescape: file names that are not valid UTF-8 are written and read back byte for byte
+    text = data[:end].decode("utf-8", errors="surrogateescape")
+    records: list[tuple[str, str]] = []
+    if fmt == "jsonl":
+        lines = text.split("\n")[:-1]
+        for lineno, line in enumerate(lines, 1):
+            try:
+                records.append((json.loads(line)["image"], line + "\n"))
+            except (ValueError, KeyError, TypeError):
+                raise SeqgenError(f"{path}:{lineno}: not a captions record ({{\"image\", \"caption\", "
+                                  f"\"score\"}}); choose another --out or --overwrite") from None
+    else:
+        rows = list(csv.reader(io.StringIO(text)))
+        if rows and rows[0] != _CSV_HEADER:
+            raise SeqgenError(f"{path}: not a captions CSV (header {','.join(_CSV_HEADER)}); choose another "
+                              f"--out or --overwrite")
+        for lineno, row in enumerate(rows[1:], 2):
+            if len(row) != 3:
+                raise SeqgenError(f"{path}:{lineno}: expected 3 columns (image,caption,score), found {len(row)}")
+            records.append((row[0], _csv_rows([row])))
+    if repair and end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return records
+
+
 def read_done(out_path: str) -> set[str]:
     """Images already captioned in `out_path` (a JSONL or CSV file from an earlier run).
 
     A last record cut off by a kill is removed from the file (its image is captioned again); anything else
     that is not a seqgen captions file raises SeqgenError rather than being overwritten.
     """
+    return {key for key, _ in _read_records(out_path, output_format(out_path), repair=True)}
+
+
+# Sharded runs (torchrun): process r of W appends to OUT's part file r-of-W; process 0 merges them at the end.
+_PART_NAME = re.compile(r"\.part-(\d+)-of-(\d+)$")
+
+
+def part_path(out_path: str, rank: int, world: int) -> str:
+    """The file process `rank` of `world` writes while a folder is captioned under torchrun, next to the
+    output and in its format: captions.jsonl -> captions.part-0-of-2.jsonl."""
+    stem, ext = os.path.splitext(out_path)
+    return f"{stem}.part-{rank}-of-{world}{ext}"
+
+
+def find_parts(out_path: str) -> list[str]:
+    """The part files of `out_path` that sharded runs left (any rank, any number of processes), in
+    (processes, rank) order."""
+    import glob
+    stem, ext = os.path.splitext(out_path)
+    found = []
+    for path in glob.glob(glob.escape(stem) + ".part-*-of-*" + glob.escape(ext)):
+        match = _PART_NAME.search(path[:len(path) - len(ext)] if ext else path)
+        if match and os.path.isfile(path):
+            found.append(((int(match[2]), int(match[1])), path))
+    return [path for _, path in sorted(found)]
+
+
+def merge_parts(out_path: str, parts: Sequence[str], position: Callable[[str], int | None]) -> int:
+    """Fold the part files into `out_path` and delete them; returns the number of records added.
+
+    The merged file holds the records `out_path` had, then those of the parts whose image is not among them,
+    ordered by `position(image key)` (the image's place in the listing; images it does not know come last,
+    as found): the file one process appending in listing order writes. It is written to a temp file renamed
+    over `out_path`, so a kill leaves the old file and the parts, and the next run merges them again.
+    """
+    import tempfile
+
+    from seqgen.checkpoint import remove_partial_writes
     fmt = output_format(out_path)
+    remove_partial_writes(out_path)      # the temp file of a merge that was killed
+    old = _read_records(out_path, fmt, repair=False)
+    have = {key for key, _ in old}
+    new: dict[str, tuple[tuple[int, int, int], str]] = {}
+    for p, part in enumerate(parts):
+        for r, (key, text) in enumerate(_read_records(part, fmt, repair=False)):
+            if key not in have and key not in new:
+                pos = position(key)
+                new[key] = ((0, pos, 0) if pos is not None else (1, p, r), text)
+    folder = os.path.dirname(os.path.abspath(out_path))
     try:
-        with open(out_path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return set()
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(out_path)}-", dir=folder)
     except OSError as e:
-        raise SeqgenError(f"{out_path}: cannot read the earlier output ({e.strerror or e})") from None
-    end = data.rfind(b"\n") + 1          # everything after the last newline is an interrupted write
-    # surrogateescape: file names that are not valid UTF-8 are written and read back byte for byte
-    text = data[:end].decode("utf-8", errors="surrogateescape")
-    done: set[str] = set()
-    if fmt == "jsonl":
-        lines = text.split("\n")[:-1]
-        for lineno, line in enumerate(lines, 1):
-            try:
-                rec = json.loads(line)
-                done.add(rec["image"])
-            except (ValueError, KeyError, TypeError):
-                raise SeqgenError(f"{out_path}:{lineno}: not a captions record ({{\"image\", \"caption\", "
-                                  f"\"score\"}}); choose another --out or --overwrite") from None
-    else:
-        rows = list(csv.reader(io.StringIO(text)))
-        if rows and rows[0] != _CSV_HEADER:
-            raise SeqgenError(f"{out_path}: not a captions CSV (header {','.join(_CSV_HEADER)}); choose another "
-                              f"--out or --overwrite")
-        for lineno, row in enumerate(rows[1:], 2):
-            if len(row) != 3:
-                raise SeqgenError(f"{out_path}:{lineno}: expected 3 columns (image,caption,score), found {len(row)}")
-            done.add(row[0])
-    if end < len(data):
-        with open(out_path, "r+b") as f:
-            f.truncate(end)
-    return done
+        raise SeqgenError(f"{out_path}: cannot write the merged captions ({e.strerror or e}); the part files "
+                          f"are kept: run the same command again to merge them") from None
+    try:
+        with open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            if fmt == "csv":
+                f.write(",".join(_CSV_HEADER) + "\n")
+            f.writelines(text for _, text in old)
+            f.writelines(text for _, text in sorted(new.values(), key=lambda item: item[0]))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise SeqgenError(f"{out_path}: cannot write the merged captions ({e.strerror or e}); the part files "
+                              f"are kept: run the same command again to merge them") from None
+        raise
+    for part in parts:       # after the rename: a kill in between leaves parts whose records are all in out_path
+        try:
+            os.unlink(part)
+        except FileNotFoundError:
+            pass
+    return len(new)
 
 
 class _Identity:
-    """ImageFolderDataset looks paths up by index; here the "index" is the path itself."""
+    """ImageFolderDataset looks paths up by index; here the "index" is the (root, path) pair itself."""
 
-    def __getitem__(self, key: str) -> str:
-        return key
+    def __getitem__(self, key: tuple[str, str]) -> str:
+        return key[1]
 
     def __len__(self) -> int:  # never iterated: batches come from a streaming batch sampler
         return 0
 
 
 class _PathBatches:
-    """A streaming batch sampler: lists of image paths, `batch_size` at a time, as they are listed."""
+    """A streaming batch sampler: lists of (root, path), `batch_size` at a time, as they are listed.
 
-    def __init__(self, source: Iterator[str], batch_size: int):
-        self.source, self.batch_size = source, batch_size
+    With `world` > 1 only the batches rank, rank + world, rank + 2 * world, ... are kept: every process lists
+    the same images, cuts the same batches and captions its share (batches, not single images, so that each
+    image is decoded in the same batch as in a single-process run: the same floating-point sums).
+    """
 
-    def __iter__(self) -> Iterator[list[str]]:
-        batch: list[str] = []
-        for path in self.source:
-            batch.append(path)
+    def __init__(self, source: Iterator[tuple[str, str]], batch_size: int, rank: int = 0, world: int = 1):
+        self.source, self.batch_size, self.rank, self.world = source, batch_size, rank, world
+
+    def _all(self) -> Iterator[list[tuple[str, str]]]:
+        batch: list[tuple[str, str]] = []
+        for item in self.source:
+            batch.append(item)
             if len(batch) == self.batch_size:
                 yield batch
                 batch = []
         if batch:
             yield batch
+
+    def __iter__(self) -> Iterator[list[tuple[str, str]]]:
+        for i, batch in enumerate(self._all()):
+            if i % self.world == self.rank:
+                yield batch
 
 
 def _attention_png_name(path: str, root: str) -> str:
@@ -668,7 +770,7 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
                    batch_size: int = 64, num_workers: int | None = None, recursive: bool = False,
                    follow_symlinks: bool = False, resume: bool = True, attention_png_dir: str | None = None,
                    skipped_path: str | None = None, progress: bool = True,
-                   log: Callable[[str], None] | None = None) -> FolderSummary:
+                   log: Callable[[str], None] | None = None, dist: Distributed | None = None) -> FolderSummary:
     """Caption every image in `inputs` (folders and/or files) into `out_path` (.jsonl or .csv).
 
     Records {"image", "caption", "score"} follow the listing order (sorted within each folder). The output is
@@ -676,9 +778,17 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
     continued by running it again; `resume=False` starts the file over. Unreadable images are listed in the
     summary with their reason (and in `skipped_path` as path<TAB>reason lines). Memory stays bounded: paths
     are listed lazily and only a few batches are in flight.
+
+    Sharded (`dist` from `seqgen.distributed.setup` under torchrun, more than one process): every process
+    lists the same images and cuts the same batches; process r captions batches r, r + W, ... into its part
+    file (`part_path`) with the same flushing and resume rules (a rerun skips what is in the output and in
+    every part). At the end process 0 merges the parts into `out_path` in listing order, atomically, and
+    deletes them: the file one process writes. Every process returns the summary of the whole run; process 0
+    reports it. Part files found without torchrun (a killed sharded run) are finished and merged the same way.
     """
     _require_captioning(model)
     say = log or _stderr
+    dist = dist or Distributed()
     gen = gen or GenerationConfig(beam=5)
     gen.validate()
     if batch_size < 1:
@@ -699,85 +809,127 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
         if model.decoder.attention is None:
             raise SeqgenError("this model has no attention (--attention none); there are no attention maps to draw")
     out_abs = os.path.abspath(out_path)
-    done = read_done(out_path) if resume else set()
+    parts = find_parts(out_path)
+    if not resume and parts:       # starting over: an earlier sharded run's parts go too
+        if dist.is_main:
+            for part in parts:
+                _remove(part, out_path)
+        parts = []
+    sharded = dist.world > 1 or bool(parts)
+    target = part_path(out_path, dist.rank, dist.world) if sharded else out_path   # where this process appends
+    if sharded and not resume and dist.is_main:
+        _remove(out_path, out_path)
+    dist.barrier()                 # nothing is removed once any process reads or writes
+    done: set[str] = set()
+    if resume:
+        done = {key for key, _ in _read_records(out_path, fmt, repair=not sharded)}
+        for part in parts:
+            done.update(key for key, _ in _read_records(part, fmt, repair=part == target))
+    dist.barrier()                 # every process has read the same records before any appends new ones
     summary = FolderSummary(out_path=out_path)
-    skipped = summary.skipped
-
-    png_names: dict[str, str] = {}   # attention maps: the PNG name of each image in flight
+    listing_skips: list[tuple[str, str]] = []        # (path, reason): what the listing passed over
+    failures: list[tuple[int, str, str]] = []        # (batch number, path, reason): images that failed to decode
+    # the merge's order: every listed image's position (process 0 of a sharded run only)
+    order: dict[str, int] | None = {} if sharded and dist.is_main else None
 
     def listing(on_skip: Callable[[str, str], None] | None) -> Iterator[tuple[str, str]]:
         for root in inputs:
             for path in iter_image_paths(root, recursive=recursive, follow_symlinks=follow_symlinks, on_skip=on_skip):
                 yield root, path
 
-    total = sum(1 for _ in listing(None)) if progress else None
+    show = progress and dist.is_main
+    total = sum(1 for _ in listing(None)) if show and dist.world == 1 else None
     from tqdm.auto import tqdm
-    bar = tqdm(total=total, unit="img", desc="caption", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=total, unit="img", desc="caption" if dist.world == 1 else f"caption (process 0 of {dist.world})",
+               disable=not show, dynamic_ncols=True, file=sys.stderr)
     seen: set[str] = set()
 
-    def todo() -> Iterator[str]:
-        for root, path in listing(lambda p, r: skipped.append((p, r))):
+    def todo() -> Iterator[tuple[str, str]]:
+        for root, path in listing((lambda p, r: listing_skips.append((p, r))) if dist.is_main else None):
             key = image_key(path)
-            if key in done or key in seen or os.path.abspath(path) == out_abs:
-                if key in done and key not in seen:
-                    summary.already_done += 1
-                    bar.update(1)
-                seen.add(key)
+            if key in seen or os.path.abspath(path) == out_abs:
                 continue
             seen.add(key)
-            if attention_png_dir:
-                png_names[path] = _attention_png_name(path, root)
-            yield path
+            if order is not None:
+                order[key] = len(order)
+            if key in done:
+                summary.already_done += 1
+                bar.update(1)
+                continue
+            yield root, path
 
     transform = build_transform(model.config.image_encoder)
     dataset = ImageFolderDataset(_Identity(), transform, draft_size=transform.image_size)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=_PathBatches(todo(), batch_size), num_workers=num_workers,
+        dataset, batch_sampler=_PathBatches(todo(), batch_size, dist.rank, dist.world), num_workers=num_workers,
         collate_fn=collate_images, pin_memory=model.device.type == "cuda", generator=_loader_generator())
-    new_file = not resume or not os.path.exists(out_path) or os.path.getsize(out_path) == 0
+    new_file = not resume or not os.path.exists(target) or os.path.getsize(target) == 0
     t0 = time.perf_counter()
     try:
         os.makedirs(os.path.dirname(out_abs), exist_ok=True)
-        f = open(out_path, "w" if new_file else "a", encoding="utf-8", errors="surrogateescape", newline="")
+        f = open(target, "w" if new_file else "a", encoding="utf-8", errors="surrogateescape", newline="")
     except OSError as e:
-        raise SeqgenError(f"{out_path}: cannot write the captions ({e.strerror or e})") from None
+        raise SeqgenError(f"{target}: cannot write the captions ({e.strerror or e})") from None
     with f:
         if new_file and fmt == "csv":
             _append(f, ",".join(_CSV_HEADER) + "\n", out_path)
-        for batch in loader:
-            skipped.extend(batch.failed)
+        for k, batch in enumerate(loader):
+            number = k * dist.world + dist.rank          # the batch's place among all processes' batches
+            failures.extend((number, path, reason) for (_, path), reason in batch.failed)
             if batch.images is not None:
-                with report_out_of_memory(f"captioning a batch of {len(batch.indices)} images (beam {gen.beam})",
+                paths = [path for _, path in batch.indices]
+                with report_out_of_memory(f"captioning a batch of {len(paths)} images (beam {gen.beam})",
                                           f"lower --batch-size (now {batch_size}) or --beam; the finished batches "
                                           f"are kept in {out_path}: run again to continue"):
                     captions = caption_tensor(model, batch.images, gen)
-                _append(f, _records(fmt, batch.indices, captions), out_path)   # a kill loses at most one batch
+                _append(f, _records(fmt, paths, captions), out_path)   # a kill loses at most one batch
                 summary.captioned += len(captions)
                 if attention_png_dir:
                     summary.attention_maps += _draw_attention(batch.images, batch.indices, captions,
-                                                              attention_png_dir, png_names)
-            for path in batch.indices if attention_png_dir else ():
-                png_names.pop(path, None)
-            for path, _ in batch.failed if attention_png_dir else ():
-                png_names.pop(path, None)
+                                                              attention_png_dir)
             bar.update(len(batch.indices) + len(batch.failed))
         try:
             os.fsync(f.fileno())
         except OSError:
             pass
-    summary.seconds = time.perf_counter() - t0
     bar.close()
-    _report(summary, skipped_path, say)
+    if sharded:
+        # every process learns the whole run's numbers (so that all exit alike); process 0 merges the parts
+        shares = dist.all_gather((summary.captioned, summary.attention_maps, listing_skips, failures))
+        summary.captioned = sum(s[0] for s in shares)
+        summary.attention_maps = sum(s[1] for s in shares)
+        listing_skips = [skip for s in shares for skip in s[2]]
+        failures = sorted((failure for s in shares for failure in s[3]), key=lambda failure: failure[0])
+    summary.skipped = listing_skips + [(path, reason) for _, path, reason in failures]
+    summary.seconds = time.perf_counter() - t0
+    if sharded:
+        if dist.is_main:
+            merge_parts(out_path, find_parts(out_path), order.get)
+        dist.barrier()             # the merged file is complete before any process returns
+    if dist.is_main:
+        _report(summary, skipped_path, say)
     return summary
+
+
+def _remove(path: str, out_path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise SeqgenError(f"{path}: cannot remove it to start {out_path} over ({e.strerror or e})") from None
+
+
+def _csv_rows(rows: Iterable[Sequence[str]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
 
 
 def _records(fmt: str, paths: Sequence[str], captions: Sequence[Caption]) -> str:
     """The output lines of one batch: JSONL {"image", "caption", "score"} or CSV rows."""
     if fmt == "csv":
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows(
-            [image_key(p), c.text, f"{c.score:.6f}"] for p, c in zip(paths, captions))
-        return buf.getvalue()
+        return _csv_rows([image_key(p), c.text, f"{c.score:.6f}"] for p, c in zip(paths, captions))
     return "".join(json.dumps({"image": image_key(p), "caption": c.text, "score": round(c.score, 6)},
                               ensure_ascii=False) + "\n" for p, c in zip(paths, captions))
 
@@ -792,16 +944,16 @@ def _append(f, text: str, out_path: str) -> None:
                           f"kept, run the same command again to continue") from None
 
 
-def _draw_attention(images: Tensor, paths: Sequence[str], captions: Sequence[Caption], folder: str,
-                    png_names: dict[str, str]) -> int:
+def _draw_attention(images: Tensor, items: Sequence[tuple[str, str]], captions: Sequence[Caption],
+                    folder: str) -> int:
+    """One PNG per (root, path) in `items` whose caption has attention; returns how many were drawn."""
     from seqgen.plots import image_attention_map
     drawn = 0
-    for image, path, c in zip(images, paths, captions):
+    for image, (root, path), c in zip(images, items, captions):
         if c.attention is None or not c.words:
             continue
-        name = png_names.get(path) or _attention_png_name(path, path)
         image_attention_map(image.permute(1, 2, 0).numpy(), c.attention, c.words, c.grid,
-                            os.path.join(folder, name), title=c.text)
+                            os.path.join(folder, _attention_png_name(path, root)), title=c.text)
         drawn += 1
     return drawn
 
@@ -831,5 +983,5 @@ def _report(summary: FolderSummary, skipped_path: str | None, say: Callable[[str
 
 __all__ = ["CaptionDataConfig", "CaptionRunConfig", "Caption", "CaptionSplits", "CaptionExamples",
            "CachedCaptionBatches", "ImageCaptionBatches", "FolderSummary", "caption_images", "caption_images_full",
-           "caption_tensor", "caption_folder", "load_splits", "make_evaluate", "normalize_caption", "read_done",
-           "resolve_weights", "train_captioning"]
+           "caption_tensor", "caption_folder", "find_parts", "load_splits", "make_evaluate", "merge_parts",
+           "normalize_caption", "part_path", "read_done", "resolve_weights", "train_captioning"]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from seqgen.config import to_dict
 from seqgen.data.text import LMBatches, read_text
 from seqgen.decoders.rnn import DecoderConfig
+from seqgen.distributed import entry_point
 from seqgen.errors import SeqgenError
 from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
 from seqgen.tokenizers import TextCodec
@@ -81,9 +82,12 @@ def make_evaluate(valid_ids: torch.Tensor, seq_len: int, streams: int, bos: int,
     return evaluate
 
 
+@entry_point
 def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides: dict | None = None,
              log: Callable[[str], None] | None = None) -> TrainState:
-    """Train (or resume) a language model on `run.data.text`; checkpoints go to `out_dir`."""
+    """Train (or resume) a language model on `run.data.text`; checkpoints go to `out_dir`.
+
+    Under torchrun every process calls this (data parallelism, see seqgen/distributed.py)."""
     resume_path = check_out_dir(out_dir, resume)
     if resume_path:
         run, model = load_resume_run(resume_path, "lm", LMRunConfig, overrides,

@@ -29,8 +29,9 @@ from seqgen.data.batching import BucketBatchSampler, pad_sequences
 from seqgen.data.parallel import ParallelCorpus, filter_by_length, read_parallel, read_tsv
 from seqgen.data.text import read_bytes
 from seqgen.decoders.rnn import DecoderConfig
+from seqgen.distributed import entry_point, is_main_process
 from seqgen.encoders.rnn import RNNEncoderConfig
-from seqgen.errors import SeqgenError, report_out_of_memory
+from seqgen.errors import LINE_BREAKS, SeqgenError, report_out_of_memory
 from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
 from seqgen.tokenizers import SubwordTokenizer, TextCodec
 from seqgen.train import (Trainer, TrainConfig, TrainState, check_out_dir, load_resume_run,
@@ -166,8 +167,9 @@ class ParallelBatches:
         return Batch(target=target, source=source, source_lengths=lengths,
                      index=torch.as_tensor(list(idx), dtype=torch.long))
 
-    def iter_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        for idx in self.sampler.batches(epoch)[start:]:
+    def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1) -> Iterator[Batch]:
+        """Batches [start:stop:step] of the epoch's list (a process's share under data parallelism)."""
+        for idx in self.sampler.batches(epoch)[start:stop:step]:
             yield self.make_batch(idx)
 
 
@@ -217,9 +219,9 @@ def _default_warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-# Characters that end a line for Python's universal newlines: a subword vocabulary can hold them (learned
-# from a lone CR in the training text), and one inside a translation would break one-line-per-sentence output.
-_LINE_BREAKS = re.compile("[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+# A subword vocabulary can hold line breaks (learned from a lone CR in the training text), and one inside a
+# translation would break one-line-per-sentence output.
+_LINE_BREAK = re.compile(f"[{LINE_BREAKS}]")
 
 
 def _hypothesis_to_translation(model: Seq2Seq, hyp, src_tokens: list[str]) -> Translation:
@@ -230,8 +232,8 @@ def _hypothesis_to_translation(model: Seq2Seq, hyp, src_tokens: list[str]) -> Tr
         if attn.size(0) > len(ids):                     # the step that wrote <eos> has attention too
             tgt_tokens.append(model.tgt.vocab.tokens([model.tgt.vocab.eos])[0])
         attn = attn[: len(tgt_tokens), : len(src_tokens)].detach().float().cpu()
-    return Translation(text=_LINE_BREAKS.sub(" ", model.tgt.decode(ids)), score=float(hyp.score), log_prob=float(hyp.log_prob),
-                       source_tokens=src_tokens, target_tokens=tgt_tokens, attention=attn)
+    return Translation(text=_LINE_BREAK.sub(" ", model.tgt.decode(ids)), score=float(hyp.score),
+                       log_prob=float(hyp.log_prob), source_tokens=src_tokens, target_tokens=tgt_tokens, attention=attn)
 
 
 def translate_nbest(model: Seq2Seq, sentences: Sequence[str], gen: GenerationConfig | None = None, *,
@@ -339,14 +341,16 @@ def make_evaluate(valid: ParallelCorpus, gen: GenerationConfig,
     return evaluate
 
 
+@entry_point
 def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool = False,
                       overrides: dict | None = None, log: Callable[[str], None] | None = None) -> TrainState:
     """Train (or resume) a translation model; checkpoints and metrics.jsonl go to `out_dir`.
 
     Validation BLEU (sacreBLEU, decoding with `run.eval`) every `run.train.eval_every` steps picks best.pt
-    and drives early stopping (`run.train.patience`).
+    and drives early stopping (`run.train.patience`). Under torchrun every process calls this (data
+    parallelism, see seqgen/distributed.py); process 0 alone prints.
     """
-    say = log or _stderr
+    say = (log or _stderr) if is_main_process() else _quiet
     resume_path = check_out_dir(out_dir, resume)
     model: Seq2Seq | None = None
     if resume_path:
@@ -402,6 +406,10 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+def _quiet(_message: str) -> None:
+    pass
 
 
 __all__ = ["TranslationDataConfig", "TranslationRunConfig", "Translation", "ParallelBatches", "train_translation",
