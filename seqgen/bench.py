@@ -17,7 +17,8 @@ Untrained models rarely write <eos>, so decoding is made to generate exactly the
 (`min_len == max_len`): every row does the same work on every machine.
 
 Model FLOPs utilisation (MFU) = model FLOPs per unit x units/s / the matmul FLOP/s measured in the same run
-(float32; on CUDA also bfloat16). Model FLOPs count the matmuls of the useful work only: padding, elementwise
+(float32; also bfloat16 where the hardware has it natively — GPUs, CPUs with AVX512-BF16/AMX — in which case
+the training row runs under bf16 autocast, as `seqgen train --amp auto` does; decoding stays float32). Model FLOPs count the matmuls of the useful work only: padding, elementwise
 ops, softmax, embedding lookups and the per-sequence bridge are left out (the usual MFU convention). The RNN
 parts are counted analytically (`forward_flops`, `decoder_flops`); the CNN by running it once under torch's
 FlopCounterMode, which counts each convolution's and linear layer's multiply-adds x 2 (`cnn_flops`).
@@ -316,8 +317,13 @@ def translation_rows(cfg: BenchConfig, device: torch.device) -> list[Row]:
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
+    # the precision `seqgen train` uses by default (--amp auto: bf16 autocast where the hardware is native)
+    from seqgen.train import autocast_dtype
+    amp = autocast_dtype("auto", device)
+
     def train_step() -> float:
-        loss, n_tokens = model.loss(batch, label_smoothing=0.1)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, n_tokens = model.loss(batch, label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -329,7 +335,8 @@ def translation_rows(cfg: BenchConfig, device: torch.device) -> list[Row]:
     per_token = 3 * forward_flops(cfg.encoder, cfg.decoder, cfg.vocab, float(src_lengths.sum()) / n_tgt,
                                   attended)["total"]
     rows.append(Row("train", "tokens/s", timed_rate(train_step, cfg.seconds, device), per_token,
-                    f"translation: {setup}, batch {cfg.batch_size}"))
+                    f"translation: {setup}, batch {cfg.batch_size}"
+                    + (f", {str(amp).removeprefix('torch.')} autocast" if amp is not None else "")))
 
     # decoding: exactly tgt_len tokens per sentence
     model.eval()
@@ -453,7 +460,8 @@ def run_bench(cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> 
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     sizes = cfg.matmul_sizes or ((2048, 4096, 8192) if device.type == "cuda" else (512, 1024, 2048))
-    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    from seqgen.train import native_bf16
+    dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16(device) else [])
     matmul = {}
     for dtype in dtypes:
         say(f"bench: {str(dtype).removeprefix('torch.')} matmul rate ...")
