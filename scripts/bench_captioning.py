@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from seqgen.bench import print_rows
+
 
 def default_data_dir() -> str | None:
     root = os.environ.get("SEQGEN_DATA")
@@ -226,10 +228,7 @@ def main() -> int:
                  ("CNN forward alone, images/s (the bound)", f"{results['cnn_images_per_s']:.1f}"),
                  ("beam search alone, images/s", f"{results['beam_images_per_s']:.1f}"),
                  ("folder / bound", f"{100 * results['ratio_to_bound']:.0f}%")]
-    width = max(len(k) for k, _ in rows)
-    print()
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print_rows(rows)
     return 0
 
 

@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from seqgen.bench import print_rows
+
 
 def rss_mib(pid: int) -> float:
     """Resident set size of `pid` in MiB (0 when it has gone)."""
@@ -154,10 +156,7 @@ def main() -> int:
             ("main RSS at each 10% (MiB)", " ".join(f"{m:.0f}" for _, m, _ in tenths)),
             ("workers' RSS, summed, peak (MiB)", f"{peak_workers:.1f}"),
             ("workers' RSS at each 10% (MiB)", " ".join(f"{w:.0f}" for _, _, w in tenths))]
-    width = max(len(k) for k, _ in rows)
-    print()
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print_rows(rows)
     return 0
 
 

@@ -476,6 +476,14 @@ def run_bench(cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> 
                        matmul=matmul, rows=rows, config=cfg)
 
 
+def print_rows(rows: list[tuple[str, str]]) -> None:
+    """Print (name, value) rows as two aligned columns after a blank line (the bench_*.py scripts' summary)."""
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
 def write_json(result: BenchResult, path: str) -> None:
     """The result as JSON at `path` (atomic: temp file + rename)."""
     import tempfile

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from conftest import write_image_folder, write_tiny_captioner
 
 from seqgen.checkpoint import load_checkpoint, remove_partial_writes, save_checkpoint
 from seqgen.decoders.rnn import DecoderConfig
-from seqgen.encoders.cnn import CNNEncoderConfig
 from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import OutOfMemory, SeqgenError, report_out_of_memory
 from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
@@ -307,26 +306,11 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
 # -- captioning a folder: kill, rerun, repeat ---------------------------------------------------------------
 
 def _caption_checkpoint(path: Path) -> Path:
-    """An untrained tiny captioning model: its captions are nonsense, but deterministic."""
-    torch.manual_seed(0)
-    codec = TextCodec.build("word", ["a red circle left of a blue square", "a green triangle above a yellow dot"])
-    model = Seq2Seq(ModelConfig(task="captioning", decoder=DecoderConfig(cell="gru", emb=16, hidden=32,
-                                                                        attention="bahdanau", dropout=0.0),
-                                image_encoder=CNNEncoderConfig(backbone="tiny", image_size=32, freeze=True)),
-                    tgt=codec)
-    save_checkpoint(str(path), model.to_payload())
-    return path
+    return write_tiny_captioner(path)
 
 
 def _image_folder(folder: Path, n: int = 40) -> Path:
-    folder.mkdir()
-    rng = random.Random(1)
-    for i in range(n):
-        img = Image.new("RGB", (32, 32), tuple(rng.randrange(256) for _ in range(3)))
-        x, y = rng.randrange(20), rng.randrange(20)
-        ImageDraw.Draw(img).ellipse((x, y, x + 12, y + 12), fill=tuple(rng.randrange(256) for _ in range(3)))
-        img.save(folder / f"img{i:03d}.png")
-    return folder
+    return write_image_folder(folder, n)
 
 
 def test_killed_folder_captioning_captions_each_image_once(tmp_path):

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image, ImageDraw
+from conftest import write_image_folder, write_tiny_captioner
 
-from seqgen.checkpoint import save_checkpoint
 from seqgen.cli import main
-from seqgen.decoders.rnn import DecoderConfig
-from seqgen.encoders.cnn import CNNEncoderConfig
-from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq, load_model
+from seqgen.model import GenerationConfig, load_model
 from seqgen.tasks.captioning import caption_folder, find_parts, merge_parts, part_path
-from seqgen.tokenizers import TextCodec
 
 N_IMAGES = 30
 BROKEN = {"img007b.jpg": b"", "img019b.png": b"this is not an image\n"}   # decode failures, inside the batches
@@ -30,21 +24,8 @@ def model_and_folder(tmp_path_factory) -> tuple[Path, Path]:
     """An untrained tiny captioner (nonsense captions, but deterministic) and a folder of 30 small images and
     two broken files."""
     d = tmp_path_factory.mktemp("sharded")
-    torch.manual_seed(0)
-    codec = TextCodec.build("word", ["a red circle left of a blue square", "a green triangle above a yellow dot"])
-    model = Seq2Seq(ModelConfig(task="captioning", decoder=DecoderConfig(cell="gru", emb=16, hidden=32,
-                                                                        attention="bahdanau", dropout=0.0),
-                                image_encoder=CNNEncoderConfig(backbone="tiny", image_size=32, freeze=True)),
-                    tgt=codec)
-    save_checkpoint(str(d / "model.pt"), model.to_payload())
-    folder = d / "photos"
-    folder.mkdir()
-    rng = random.Random(1)
-    for i in range(N_IMAGES):
-        img = Image.new("RGB", (32, 32), tuple(rng.randrange(256) for _ in range(3)))
-        x, y = rng.randrange(20), rng.randrange(20)
-        ImageDraw.Draw(img).ellipse((x, y, x + 12, y + 12), fill=tuple(rng.randrange(256) for _ in range(3)))
-        img.save(folder / f"img{i:03d}.png")
+    write_tiny_captioner(d / "model.pt")
+    folder = write_image_folder(d / "photos", N_IMAGES)
     for name, data in BROKEN.items():
         (folder / name).write_bytes(data)
     return d / "model.pt", folder
