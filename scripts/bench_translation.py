@@ -10,7 +10,8 @@ Parts (--parts, comma separated; default all):
            test_2016_flickr and the validation BLEU-versus-minutes curve.
   speed    target tokens/s in training, --speed-seconds each, for the JoeyNMT-like configuration (emb 256,
            hidden 512, 1-layer bi-GRU encoder, 1-layer GRU decoder, Bahdanau attention with input feeding,
-           8k joint BPE, batch 64 sentences) and for the default configuration (same BPE and batch).
+           8k joint BPE, batch 64 sentences; the default configuration is this one), for the default when it
+           differs, and for the fast no-input-feeding model (Luong attention; same BPE and batch).
   decode   sentences/s decoding test_2016_flickr at batch 64, greedy and beam 5 (the quality model, or --model).
   mfu      model FLOPs per target token (seqgen.bench.forward_flops, matmul FLOPs only) x tokens/s, divided by
            the float32 matmul FLOP/s measured in this run (needs speed).
@@ -53,6 +54,14 @@ def joey_like() -> tuple[RNNEncoderConfig, DecoderConfig]:
     return (RNNEncoderConfig(cell="gru", emb=256, hidden=512, layers=1, bidirectional=True, dropout=0.2),
             DecoderConfig(cell="gru", emb=256, hidden=512, layers=1, attention="bahdanau", input_feeding=True,
                           tie_embeddings=False, dropout=0.2))
+
+
+def no_input_feeding() -> tuple[RNNEncoderConfig, DecoderConfig]:
+    """The fast model (the default until the 40.6 BLEU run): Luong attention after the decoder RNN, so training
+    runs the whole target through the RNN in one call; bi-GRU 256 encoder, tied embeddings."""
+    return (RNNEncoderConfig(cell="gru", emb=256, hidden=256, layers=1, bidirectional=True, dropout=0.3),
+            DecoderConfig(cell="gru", emb=256, hidden=512, layers=1, attention="luong_general", input_feeding=False,
+                          tie_embeddings=True, dropout=0.3))
 
 
 # -- parts ---------------------------------------------------------------------------------------------
@@ -188,7 +197,12 @@ def main() -> int:
         bpe = data_config(args.data_dir, level="subword", joint_vocab=True, vocab_size=8000, model_type="bpe",
                           batch_size=64, max_tokens=0, max_len=run.data.max_len)
         codecs = build_codecs(bpe, corpus)
-        for name, (enc, dec) in (("JoeyNMT-like", joey_like()), ("default", (run.encoder, run.decoder))):
+        configs = {"JoeyNMT-like": joey_like(), "default": (run.encoder, run.decoder),
+                   "no input feeding": no_input_feeding()}
+        if configs["default"] == configs["JoeyNMT-like"]:
+            configs["JoeyNMT-like = default"] = configs.pop("JoeyNMT-like")
+            del configs["default"]
+        for name, (enc, dec) in configs.items():
             speeds[name] = run_speed(args, name, enc, dec, codecs, corpus, bpe)
             s = speeds[name]
             rows.append((f"train tokens/s, {name} (batch 64, 8k BPE)", f"{s['tokens_per_s']:,.0f}",

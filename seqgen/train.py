@@ -1,7 +1,7 @@
 """Trainer: the one training loop for every task.
 
 The task supplies a model, a `BatchSource` (its data loader) and an `evaluate` function returning
-metrics; everything else — optimiser, LR schedule, clipping, label smoothing, mixed precision,
+metrics; everything else — optimiser, LR schedule, clipping, label smoothing, weight averaging, mixed precision,
 torch.compile, gradient accumulation, data parallelism under torchrun, early stopping, checkpoints,
 exact resume, progress and the metrics log — lives here once.
 
@@ -36,6 +36,7 @@ from seqgen.config import from_dict, merge, to_dict
 from seqgen.data.batch import Batch
 from seqgen.data.batching import shard_positions
 from seqgen.distributed import Distributed, resolve_device, setup  # noqa: F401  (resolve_device: re-exported)
+from seqgen.ema import WeightEMA
 from seqgen.errors import SeqgenError, is_out_of_memory, report_out_of_memory
 from seqgen.model import Seq2Seq
 
@@ -51,6 +52,8 @@ class TrainConfig:
     plateau_factor: float = 0.5      # plateau: lr *= factor after `plateau_patience` evals without improvement
     plateau_patience: int = 2
     label_smoothing: float = 0.0
+    ema: float = 0.0                 # decay of a moving average of the weights used to validate and for best.pt
+                                     # (e.g. 0.999); 0 = validate the training weights themselves
     max_steps: int = 5000
     max_epochs: int = 1000
     time_budget: float = 0.0         # minutes of training (evaluation excluded); 0 = no limit
@@ -207,6 +210,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(0.9, 0.98))
+        self.ema = WeightEMA(self.model, cfg.ema) if cfg.ema else None
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
         # fp16 gradients underflow without loss scaling; with anything else the scaler is a no-op
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -255,6 +259,8 @@ class Trainer:
             payload["trainer"] = {"state": json.dumps(to_dict(self.state)), "optimizer": self.optimizer.state_dict()}
             if self.scaler.is_enabled():
                 payload["trainer"]["grad_scaler"] = self.scaler.state_dict()
+            if self.ema is not None:
+                payload["trainer"]["ema"] = self.ema.state_dict()
         return payload
 
     def save(self) -> None:
@@ -292,6 +298,10 @@ class Trainer:
         self.optimizer.load_state_dict(tr["optimizer"])
         if self.scaler.is_enabled() and "grad_scaler" in tr:
             self.scaler.load_state_dict(tr["grad_scaler"])
+        if self.ema is not None:
+            self.ema = WeightEMA(self.model, self.cfg.ema)   # a run that had no average starts one here
+            if "ema" in tr:
+                self.ema.load_state_dict(tr["ema"], where=path)
         self.state = from_dict(TrainState, json.loads(tr["state"]), where=path)
         self._saved_step = self.state.step
         self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
@@ -330,7 +340,12 @@ class Trainer:
         return best is None or (value < best if self.mode == "min" else value > best)
 
     def run_eval(self) -> bool:
-        """Evaluate, keep best.pt, update plateau/early stopping. Returns True to stop training."""
+        """Evaluate (the weight average with --ema), keep best.pt, update plateau/early stopping.
+        Returns True to stop training."""
+        with self.ema.applied() if self.ema is not None else nullcontext():
+            return self._run_eval()
+
+    def _run_eval(self) -> bool:
         self.model.eval()
         with torch.no_grad(), report_out_of_memory(f"validating at step {self.state.step}",
                                                    self._batch_advice("valid_batch_size")):
@@ -442,6 +457,8 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        if self.ema is not None:
+            self.ema.update()
         return loss_total / total, total, True
 
     # -- the loop --------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from seqgen.checkpoint import load_checkpoint
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.model import GenerationConfig, load_model
 from seqgen.tasks.lm import LMDataConfig, LMRunConfig, generate_text, train_lm
@@ -55,10 +56,11 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, text_file):
-    # dropout on, so the RNG state must be restored too
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, text_file, ema):
+    # dropout on, so the dropout masks must be the same after the resume; with ema, the average too
     def run(**kw):
-        r = tiny_run(text_file, max_steps=60, eval_every=30, checkpoint_every=10, log_every=5, **kw)
+        r = tiny_run(text_file, max_steps=60, eval_every=30, checkpoint_every=10, log_every=5, ema=ema, **kw)
         r.decoder.dropout = 0.2
         return r
 
@@ -77,6 +79,12 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, text_file
     b = load_model(str(tmp_path / "cut" / "last.pt")).state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if ema:
+        ea = load_checkpoint(str(tmp_path / "full" / "last.pt"))["trainer"]["ema"]
+        eb = load_checkpoint(str(tmp_path / "cut" / "last.pt"))["trainer"]["ema"]
+        assert ea["updates"] == eb["updates"] == 60
+        for k in ea["weights"]:
+            assert torch.equal(ea["weights"][k], eb["weights"][k]), k
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines]
     assert steps == sorted(steps), "resumed metrics log must not repeat steps"

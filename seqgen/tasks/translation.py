@@ -67,11 +67,13 @@ class TranslationDataConfig:
 class TranslationRunConfig:
     data: TranslationDataConfig = field(default_factory=TranslationDataConfig)
     encoder: RNNEncoderConfig = field(default_factory=lambda: RNNEncoderConfig(
-        cell="gru", emb=256, hidden=256, layers=1, bidirectional=True, dropout=0.3))
-    # No input feeding: the whole target goes through the decoder RNN in one call (much faster to train).
+        cell="gru", emb=256, hidden=512, layers=1, bidirectional=True, dropout=0.2))
+    # Bahdanau attention with input feeding: 2x slower per token than the no-input-feeding Luong model
+    # (whose decoder RNN runs the whole target in one call) but it learns far more per step: on Multi30k
+    # after 20 minutes it scored 40.6 BLEU against 35.2 (docs/performance.md), so it is the default.
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(
-        cell="gru", emb=256, hidden=512, layers=1, attention="luong_general", input_feeding=False,
-        tie_embeddings=True, dropout=0.3))
+        cell="gru", emb=256, hidden=512, layers=1, attention="bahdanau", input_feeding=True,
+        tie_embeddings=False, dropout=0.2))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=2e-3, warmup_steps=200, schedule="cosine", label_smoothing=0.1, max_steps=20000,
         eval_every=1000, checkpoint_every=1000, patience=0))
