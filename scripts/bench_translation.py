@@ -3,6 +3,7 @@
 
     python scripts/bench_translation.py --data-dir ../shared/data/multi30k --minutes 60
     SEQGEN_DATA=../shared/data python scripts/bench_translation.py --minutes 20 --parts quality,decode
+    python scripts/bench_translation.py --data-dir ../shared/data/multi30k --device cuda --minutes 8
 
 Parts (--parts, comma separated; default all):
   quality  train the default config (or --config YAML) for --minutes of training time on train.{de,en},
@@ -14,7 +15,9 @@ Parts (--parts, comma separated; default all):
            differs, and for the fast no-input-feeding model (Luong attention; same BPE and batch).
   decode   sentences/s decoding test_2016_flickr at batch 64, greedy and beam 5 (the quality model, or --model).
   mfu      model FLOPs per target token (seqgen.bench.forward_flops, matmul FLOPs only) x tokens/s, divided by
-           the float32 matmul FLOP/s measured in this run (needs speed).
+           the matmul FLOP/s measured in this run (float32, and bfloat16 when training runs under bf16 autocast;
+           needs speed).
+Every part runs on --device (default cpu; cuda or auto for a GPU).
 BLEU is sacreBLEU's default: cased, 13a tokenization, on detokenized output. Prints one table at the end.
 """
 from __future__ import annotations
@@ -37,9 +40,10 @@ from seqgen.decoders.rnn import DecoderConfig
 from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import SeqgenError
 from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq, load_model
+from seqgen.precision import AMP_CHOICES
 from seqgen.tasks.translation import (TranslationDataConfig, TranslationRunConfig, build_codecs, corpus_scores,
                                       read_corpus, train_translation, training_batches, translate)
-from seqgen.train import Trainer, TrainConfig, autocast_dtype
+from seqgen.train import Trainer, TrainConfig, autocast_dtype, resolve_device
 
 FILES = ("train.de", "train.en", "val.de", "val.en", "test_2016_flickr.de", "test_2016_flickr.en")
 
@@ -73,13 +77,13 @@ def data_config(d: str, **kw) -> TranslationDataConfig:
 def run_quality(args, run: TranslationRunConfig, out: str) -> dict:
     run = replace(run, train=replace(run.train, time_budget=args.minutes, max_steps=10 ** 9, amp=args.amp,
                                      eval_every=args.eval_every, checkpoint_every=args.eval_every,
-                                     progress=False, device="cpu"))
+                                     progress=False, device=args.device))
     t0 = time.perf_counter()
     state = train_translation(run, out, resume=args.resume)
     wall = time.perf_counter() - t0
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
         evals = [json.loads(line)["eval"] | {"step": json.loads(line)["step"]} for line in f if '"eval"' in line]
-    model = load_model(os.path.join(out, "best.pt"), task="translation")
+    model = load_model(os.path.join(out, "best.pt"), device=resolve_device(args.device), task="translation")
     src = read_lines(os.path.join(args.data_dir, "test_2016_flickr.de"))
     ref = read_lines(os.path.join(args.data_dir, "test_2016_flickr.en"))
     beam = corpus_scores(translate(model, src, GenerationConfig(beam=5, max_len=100), batch_size=64), ref)
@@ -98,7 +102,7 @@ def run_speed(args, name: str, enc: RNNEncoderConfig, dec: DecoderConfig, codecs
     torch.manual_seed(1)
     model = Seq2Seq(ModelConfig(task="translation", text_encoder=enc, decoder=dec), tgt=tgt_codec, src=src_codec)
     cfg = TrainConfig(lr=1e-3, warmup_steps=100, max_steps=10 ** 9, time_budget=args.speed_seconds / 60,
-                      eval_every=10 ** 9, checkpoint_every=10 ** 9, log_every=5, progress=False, device="cpu",
+                      eval_every=10 ** 9, checkpoint_every=10 ** 9, log_every=5, progress=False, device=args.device,
                       amp=args.amp)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, data, lambda m: {"bleu": 0.0}, cfg, tmp, metric="bleu", mode="max",
@@ -119,13 +123,17 @@ def run_speed(args, name: str, enc: RNNEncoderConfig, dec: DecoderConfig, codecs
 
 
 def run_decode(args, model: Seq2Seq) -> dict:
+    """{(amp, "greedy" | "beam5"): (sentences/s, test BLEU)} for each precision in --decode-amp."""
     src = read_lines(os.path.join(args.data_dir, "test_2016_flickr.de"))
+    ref = read_lines(os.path.join(args.data_dir, "test_2016_flickr.en"))
     out = {}
-    for name, gen in (("greedy", GenerationConfig(beam=1, max_len=100)), ("beam5", GenerationConfig(beam=5, max_len=100))):
-        translate(model, src[:64], gen, batch_size=64)    # warm-up
-        t0 = time.perf_counter()
-        translate(model, src, gen, batch_size=64)
-        out[name] = len(src) / (time.perf_counter() - t0)
+    for amp in args.decode_amp.split(","):
+        for name, beam in (("greedy", 1), ("beam5", 5)):
+            gen = GenerationConfig(beam=beam, max_len=100, amp=amp)
+            translate(model, src[:64], gen, batch_size=64)    # warm-up
+            t0 = time.perf_counter()
+            hyps = translate(model, src, gen, batch_size=64)
+            out[amp, name] = (len(src) / (time.perf_counter() - t0), corpus_scores(hyps, ref)["bleu"])
     return out
 
 
@@ -139,11 +147,14 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench_translation", help="quality run folder")
     p.add_argument("--resume", action="store_true", help="quality: continue the run in --out")
     p.add_argument("--model", help="decode: an existing checkpoint instead of the quality run's best.pt")
+    p.add_argument("--decode-amp", default="auto,off",
+                   help="decode: precisions to time, comma-separated (auto = bf16 where native, the default)")
     p.add_argument("--speed-seconds", type=float, default=90.0, help="speed: training seconds per configuration")
     p.add_argument("--speed-sentences", type=int, default=0, help="speed: use the first N training pairs (0 = all)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto (a GPU when there is one)")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"],
-                   help="mixed precision for quality and speed (auto: bf16 where the CPU has it natively)")
+                   help="mixed precision for quality and speed (auto: bf16 where the device has it natively)")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     if unknown := parts - {"quality", "speed", "decode", "mfu"}:
@@ -155,23 +166,31 @@ def main() -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+    except SeqgenError as e:
+        p.error(str(e))
     if "decode" in parts and "quality" not in parts and not args.model:
         p.error("--parts decode without quality needs --model CKPT")
+    if bad := [a for a in args.decode_amp.split(",") if a not in AMP_CHOICES]:
+        p.error(f"--decode-amp: unknown precision(s) {', '.join(bad)}; choose from {', '.join(AMP_CHOICES)}")
 
     run = TranslationRunConfig(data=data_config(args.data_dir))
     if args.config:
         run = from_dict(TranslationRunConfig, merge(to_dict(run), load_yaml(args.config)), where=args.config)
     rows: list[tuple[str, str, str]] = [
         ("machine", f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                    f"torch {torch.__version__}", "")]
+                    f"torch {torch.__version__}"
+                    + (f"; {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""), "")]
     # MFU is measured against the matmul rate of the precision training runs in (bf16 under autocast)
-    amp_dtype = autocast_dtype(args.amp, torch.device("cpu"))
+    amp_dtype = autocast_dtype(args.amp, device)
     peak = peak_fp32 = None
     if {"speed", "mfu"} & parts:
-        peak = peak_fp32 = matmul_flops()
+        sizes = (2048, 4096, 8192) if device.type == "cuda" else (512, 1024, 2048)   # as seqgen bench
+        peak = peak_fp32 = matmul_flops(sizes=sizes, device=device)
         rows.append(("float32 matmul peak (measured)", f"{peak_fp32 / 1e9:,.1f} GFLOP/s", ""))
         if amp_dtype is not None:
-            peak = matmul_flops(dtype=amp_dtype)
+            peak = matmul_flops(sizes=sizes, dtype=amp_dtype, device=device)
             rows.append((f"{str(amp_dtype).removeprefix('torch.')} matmul peak (measured; training runs under "
                          f"--amp {args.amp})", f"{peak / 1e9:,.1f} GFLOP/s", ""))
 
@@ -208,10 +227,13 @@ def main() -> int:
             rows.append((f"train tokens/s, {name} (batch 64, 8k BPE)", f"{s['tokens_per_s']:,.0f}",
                          ">= 2,640 (3x JoeyNMT's 880)"))
     if "decode" in parts:
-        model = load_model(args.model, task="translation") if args.model else quality["model"]
+        model = load_model(args.model, device=device, task="translation") if args.model else quality["model"]
         dec = run_decode(args, model)
-        rows += [("decode sentences/s, greedy, batch 64", f"{dec['greedy']:,.1f}", ""),
-                 ("decode sentences/s, beam 5, batch 64", f"{dec['beam5']:,.1f}", ">= 100 (JoeyNMT ~25)")]
+        for (amp, name), (rate, bleu) in dec.items():
+            what = "greedy" if name == "greedy" else "beam 5"
+            dtype = autocast_dtype(amp, device) or torch.float32
+            rows.append((f"decode sentences/s, {what}, batch 64, --amp {amp} ({str(dtype)[6:]}; test BLEU {bleu:.2f})",
+                         f"{rate:,.1f}", ">= 100 (JoeyNMT ~25)" if name == "beam5" else ""))
     if "mfu" in parts and speeds and peak:
         for name, s in speeds.items():
             achieved = s["train_flops_per_token"] * s["tokens_per_s"]

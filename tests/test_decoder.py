@@ -137,3 +137,25 @@ def test_memory_dropout_only_in_training():
     b = run()
     dec.train()
     assert torch.allclose(run(), b, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["bahdanau", "luong_general"])
+def test_prepare_casts_memory_once_under_autocast(attention):
+    """Under autocast the memory is cast in prepare(), so steps do not re-cast [B, S, H] every token; the
+    attention weights stay float32 and the outputs match float32 to bf16 precision."""
+    torch.manual_seed(0)
+    dec = RNNDecoder(DecoderConfig(emb=16, hidden=20, dropout=0.0, attention=attention), V, enc_state_size=HE,
+                     memory_size=HE).eval()
+    enc = make_enc()
+    assert dec.prepare(enc).memory.dtype == torch.float32          # no autocast: untouched
+    tokens = torch.randint(0, V, (B,))
+    with torch.no_grad():
+        ref, ref_state = dec.step(tokens, dec.init_state(enc, B), dec.prepare(enc))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            prepared = dec.prepare(enc)
+            assert prepared.memory.dtype == torch.bfloat16
+            assert prepared.keys is None or prepared.keys.dtype == torch.bfloat16
+            out, state = dec.step(tokens, dec.init_state(enc, B), prepared)
+    assert out.dtype == torch.float32 and state.attn.dtype == torch.float32
+    assert torch.allclose(state.attn.sum(-1), torch.ones(B), atol=1e-5)
+    assert torch.allclose(out, ref, atol=0.1) and torch.allclose(state.attn, ref_state.attn, atol=0.05)

@@ -330,6 +330,11 @@ def test_batched_beam_and_greedy_equal_single_inputs():
     batch_greedy = greedy(model, model.init_state(ids), enc, **kw)
     assert len({len(hs[0].tokens) for hs in batch_beam}) > 1  # inputs end at different lengths
     assert rows_per_call[-1] < len(ids) * 3                    # finished inputs left the working batch
+    # ... a quarter of the working batch at a time (each leaving copies the encoder memory of all rows kept)
+    beam_rows = rows_per_call[1:]                              # after bos, fed once per input
+    for before, after in zip(beam_rows, beam_rows[1:]):
+        assert after <= before and (before - after) % 3 == 0
+        assert before == after or 4 * (before - after) >= before
     for i in ids:
         one = {"id": enc["id"][i:i + 1], "mem": enc["mem"][i:i + 1]}
         single = beam_search(model, model.init_state([i]), one, beam=3, n_best=3, **kw)[0]
@@ -338,6 +343,20 @@ def test_batched_beam_and_greedy_equal_single_inputs():
         g = greedy(model, model.init_state([i]), one, **kw)[0]
         assert g.tokens == batch_greedy[i].tokens
         assert g.log_prob == pytest.approx(batch_greedy[i].log_prob, abs=1e-5)
+
+
+def test_finished_inputs_leave_the_working_batch_a_quarter_at_a_time():
+    def staggered(i: int, hist: tuple) -> list[float]:   # input i ends after i + 1 tokens, every beam of it
+        d = {EOS: 1.0} if len(hist) >= i + 1 else {A: 0.6, B: 0.4}
+        return [d.get(v, 0.0) for v in range(V)]
+    ids = list(range(8))
+    model = Scripted(staggered)
+    out = beam_search(model, model.init_state(ids), None, beam=2, n_best=2, bos=BOS, eos=EOS, max_len=20)
+    assert [len(hs[0].tokens) for hs in out] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert all(len(hs) == 2 for hs in out)
+    # rows per call: bos once per input, then 2 beams each; input 0 finishes first but its (dead) rows stay
+    # until input 1 has finished too (2 of 8 blocks), then 2 of the 6 left, then one at a time (>= 1/4)
+    assert [len(t) for t in model.fed] == [8, 16, 16, 12, 12, 8, 6, 4, 2]
 
 
 # -- 10. prefix ----------------------------------------------------------------------------------------------

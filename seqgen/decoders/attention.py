@@ -57,5 +57,6 @@ class Attention(nn.Module):
             scores = torch.bmm(query, memory.transpose(1, 2))
         if mask is not None:
             scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
+        # float32 under autocast too: bf16 weights would not sum to 1 (off by ~1e-3) in attention maps
+        weights = torch.softmax(scores.float(), dim=-1)
         return torch.bmm(weights, memory), weights

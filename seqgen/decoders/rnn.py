@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from seqgen.decoders.attention import Attention
 from seqgen.decoders.state import DecoderState
 from seqgen.encoders.base import EncoderOutput
+from seqgen.precision import active_autocast_dtype
 
 
 @dataclass
@@ -30,6 +31,11 @@ class DecoderConfig:
     # are otherwise memorised within a few epochs (captioning); 0 leaves the memory untouched.
     memory_dropout: float = 0.0
     bridge: bool = True           # initial hidden state = tanh(W * encoder state); False = zeros
+
+
+# At most this many rows per step, CPU inference steps are bound by memory bandwidth, not arithmetic
+# (see `RNNDecoder._rnn_one_step`): float32 weights split across threads beat any lower-precision kernel there.
+SMALL_BATCH = 4
 
 
 class RNNDecoder(nn.Module):
@@ -74,10 +80,18 @@ class RNNDecoder(nn.Module):
 
     # -- state ---------------------------------------------------------------------------------------
     def prepare(self, enc: EncoderOutput | None) -> EncoderOutput | None:
-        """Return `enc` with attention keys precomputed, so stepping does not redo them every token."""
+        """Return `enc` with attention keys precomputed, so stepping does not redo them every token.
+
+        Under autocast the memory is cast to its dtype here, once: otherwise every step's matmuls would cast
+        the whole [B, S, H_mem] memory again (for captioning beams, a quarter of the search's time).
+        """
         if enc is None or self.attention is None or enc.keys is not None:
             return enc
-        return dataclasses.replace(enc, keys=self.attention.keys(enc.memory))
+        memory = enc.memory
+        dtype = active_autocast_dtype(memory.device.type)
+        if dtype is not None and memory.is_floating_point():
+            memory = memory.to(dtype)
+        return dataclasses.replace(enc, memory=memory, keys=self.attention.keys(memory))
 
     def init_state(self, enc: EncoderOutput | None, batch_size: int) -> DecoderState:
         """Initial state for `batch_size` sequences: bridged from `enc.state` [B, H_enc], else zeros."""
@@ -109,7 +123,7 @@ class RNNDecoder(nn.Module):
         the arithmetic, and at batch 1 the matrix-vector products are memory-bound, so small batches use
         weights split across the CPU threads (see `_small_batch_matmul`); otherwise the fused cell kernels."""
         inp, hs, cs = x[:, 0], [], []
-        small = inp.size(0) <= 4 and not torch.is_grad_enabled() and inp.device.type == "cpu"
+        small = inp.size(0) <= SMALL_BATCH and not torch.is_grad_enabled() and inp.device.type == "cpu"
         flat = self.rnn._flat_weights  # [w_ih, w_hh, b_ih, b_hh] per layer; cheaper than 4 getattr per layer
         for k in range(self.cfg.layers):
             w_ih, w_hh, b_ih, b_hh = flat[4 * k:4 * k + 4]
@@ -158,9 +172,13 @@ class RNNDecoder(nn.Module):
                 w, bias = w.t().contiguous(), bias
             cache[key] = hit = (versions, w, bias)
         _, w, bias = hit
-        if w.dim() == 2:
-            return torch.addmm(bias, x, w)
-        out = torch.baddbmm(bias, x.unsqueeze(0).expand(w.size(0), -1, -1), w)   # [parts, B, G/parts]
+        # float32 even under autocast: at this size the product is bound by memory, not arithmetic, and a
+        # bf16 copy of the blocked weight (not a parameter, so autocast would not cache it) every call costs more
+        x = x.float()
+        with torch.autocast(x.device.type, enabled=False):
+            if w.dim() == 2:
+                return torch.addmm(bias, x, w)
+            out = torch.baddbmm(bias, x.unsqueeze(0).expand(w.size(0), -1, -1), w)   # [parts, B, G/parts]
         return out.transpose(0, 1).reshape(x.size(0), -1)
 
     def _pre_output(self, out: Tensor, enc: EncoderOutput | None) -> tuple[Tensor, Tensor | None]:

@@ -322,6 +322,7 @@ def beam_search(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int
     alive = torch.full((n_inputs, k), -math.inf, device=device)
     alive[:, 0] = 0.0  # the beams of an input are identical at first: let only one of them propose
     live: list[int] = list(range(n_inputs))  # input index of each working block
+    done: set[int] = set()                   # working blocks whose input has its k hypotheses (see below)
     finished: list[list[Hypothesis]] = [[] for _ in range(n_inputs)]
     attn_history: Tensor | None = None
     rank = torch.arange(n_cand, device=device)
@@ -360,24 +361,28 @@ def beam_search(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int
         new_val = new_val.masked_fill(new_tok == eos, -math.inf)  # only when fewer than k non-eos candidates exist
         parent = (block_rows + top_beam.gather(1, pick)).view(-1)
 
+        done.update(newly_done)
         if t == max_len - 1:
             history = torch.cat([history[parent], new_tok.view(-1, 1)], dim=1)
             attn_history = _extend(attn_history, attn, parent)
-            _finish_open(finished, live, set(newly_done), new_val, history[:, context:], attn_history,
+            _finish_open(finished, live, done, new_val, history[:, context:], attn_history,
                          length_penalty, t + 1, k)
             break
-
+        if len(done) == blocks:
+            break
         if newly_done:
-            # Inputs with k hypotheses leave the working batch (rare, so the copies are cheap).
-            done = set(newly_done)
+            # A finished input's beams die (-inf: they propose nothing more) but stay in the working batch until
+            # a quarter of it is finished: leaving copies the encoder memory, [rows, S, H] for every row kept,
+            # which for image grids costs more than a few steps of the dead rows.
+            new_val[torch.tensor(newly_done, device=device)] = -math.inf
+        if 4 * len(done) >= blocks:
             keep_blocks = [b for b in range(blocks) if b not in done]
-            if not keep_blocks:
-                break
             keep = torch.tensor(keep_blocks, device=device)
             live = [live[b] for b in keep_blocks]
             enc = select_batch(enc, (keep.unsqueeze(1) * k + beam_offsets).view(-1))
             parent = parent.view(blocks, k)[keep].view(-1)
             new_val, new_tok = new_val[keep], new_tok[keep]
+            done = set()
 
         history = torch.cat([history[parent], new_tok.view(-1, 1)], dim=1)
         attn_history = _extend(attn_history, attn, parent)
