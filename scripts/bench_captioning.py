@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from seqgen.allocator import tune_cpu_allocator
 from seqgen.bench import print_rows
 
 
@@ -50,6 +51,7 @@ def limited_split(path: str, out_dir: str, n: int) -> str:
 
 
 def main() -> int:
+    tune_cpu_allocator()   # as the seqgen CLI does (seqgen/allocator.py); SEQGEN_MALLOC=system to compare
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--data-dir", default=default_data_dir(), help="Flickr8k folder (default: $SEQGEN_DATA/flickr8k)")
     p.add_argument("--minutes", type=float, default=60.0, help="budget for part 1, feature extraction included")

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from seqgen.allocator import tune_cpu_allocator
 from seqgen.bench import generation_rate
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.model import GenerationConfig, load_model
@@ -32,6 +33,7 @@ def default_text() -> str | None:
 
 
 def main() -> int:
+    tune_cpu_allocator()   # as the seqgen CLI does (seqgen/allocator.py); SEQGEN_MALLOC=system to compare
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--text", default=default_text(), help="input.txt (default: $SEQGEN_DATA/tinyshakespeare/input.txt)")
     p.add_argument("--minutes", type=float, default=30.0, help="training budget (default: 30)")

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+from seqgen.allocator import tune_cpu_allocator
 from seqgen.tasks.translation import TranslationDataConfig, build_codecs, read_corpus
 
 
@@ -102,6 +103,7 @@ def run(args, procs: int, data_flags: list[str], folder: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_cpu_allocator()   # as the seqgen CLI does (seqgen/allocator.py); SEQGEN_MALLOC=system to compare
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--data-dir", default=default_data_dir(), help="Multi30k folder (default: $SEQGEN_DATA/multi30k)")

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from seqgen.allocator import tune_cpu_allocator
 from seqgen.bench import print_rows
 
 
@@ -105,6 +106,7 @@ def tiny_captioner(size: int, seed: int):
 
 
 def main() -> int:
+    tune_cpu_allocator()   # as the seqgen CLI does (seqgen/allocator.py); SEQGEN_MALLOC=system to compare
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--folder", default="runs/bench_memory/images", help="where the images are generated")

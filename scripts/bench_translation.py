@@ -33,6 +33,7 @@ from dataclasses import replace
 
 import torch
 
+from seqgen.allocator import tune_cpu_allocator
 from seqgen.bench import forward_flops, matmul_flops
 from seqgen.config import from_dict, load_yaml, merge, to_dict
 from seqgen.data.text import read_lines
@@ -138,6 +139,7 @@ def run_decode(args, model: Seq2Seq) -> dict:
 
 
 def main() -> int:
+    tune_cpu_allocator()   # as the seqgen CLI does (seqgen/allocator.py); SEQGEN_MALLOC=system to compare
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--data-dir", default=default_data_dir(), help="Multi30k folder (default: $SEQGEN_DATA/multi30k)")
     p.add_argument("--parts", default="quality,speed,decode,mfu")

@@ -9,6 +9,7 @@ import argparse
 import sys
 import traceback
 
+from seqgen.allocator import tune_cpu_allocator
 from seqgen.config import add_dataclass_flags, add_run_flags, build_run_config, flags_to_dict, from_dict
 from seqgen.errors import LINE_BREAKS, SeqgenError
 
@@ -401,6 +402,7 @@ _ESCAPE_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in LINE_BREAKS}
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_cpu_allocator()   # process-wide, so the entry point decides it, not the library (see seqgen/allocator.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = COMMANDS[(args.command, getattr(args, "task", None))]
