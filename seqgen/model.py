@@ -23,7 +23,7 @@ from seqgen.encoders.base import EncoderOutput
 from seqgen.encoders.cnn import CNNEncoderConfig
 from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import SeqgenError
-from seqgen.precision import AMP_CHOICES, autocast
+from seqgen.precision import AMP_CHOICES, autocast, autocast_dtype
 from seqgen.tokenizers import TextCodec
 
 Task = Literal["lm", "translation", "captioning"]
@@ -127,7 +127,6 @@ class Seq2Seq(nn.Module):
         return loss, int((gold != self.tgt.vocab.pad).sum())
 
     # -- inference -----------------------------------------------------------------------------------
-    @torch.inference_mode()  # cheaper per op than no_grad: decoding is many small ops
     def generate(self, source: Tensor | EncoderOutput | None = None, lengths: Tensor | None = None, *,
                  batch_size: int | None = None, gen: GenerationConfig | None = None,
                  prefix: Tensor | None = None, generator: torch.Generator | None = None
@@ -142,10 +141,13 @@ class Seq2Seq(nn.Module):
         amp = gen.amp
         if amp == "auto" and self.device.type == "cpu" and _num_inputs(source, batch_size) * gen.beam <= SMALL_BATCH:
             amp = "off"   # memory-bound steps: bf16 saves no time and autocast adds a cast per op (~10% slower)
+        # inference_mode is cheaper per op than no_grad (decoding is many small ops), but autocast caches its
+        # low-precision copies of the weights only outside it: under inference_mode every step re-cast every weight.
+        no_grad = torch.no_grad() if autocast_dtype(amp, self.device) is not None else torch.inference_mode()
         was_training = self.training
         self.eval()
         try:
-            with autocast(amp, self.device):
+            with no_grad, autocast(amp, self.device):
                 return self._generate(source, lengths, batch_size, gen, prefix, generator)
         finally:
             self.train(was_training)

@@ -159,3 +159,50 @@ def test_prepare_casts_memory_once_under_autocast(attention):
     assert out.dtype == torch.float32 and state.attn.dtype == torch.float32
     assert torch.allclose(state.attn.sum(-1), torch.ones(B), atol=1e-5)
     assert torch.allclose(out, ref, atol=0.1) and torch.allclose(state.attn, ref_state.attn, atol=0.05)
+
+
+def test_bahdanau_scores_are_v_tanh_of_query_plus_key():
+    """The sigmoid form (2 v . sigmoid(2q + 2k), faster on CPU) gives Bahdanau's softmax(v . tanh(q + k))."""
+    from seqgen.decoders.attention import Attention
+    torch.manual_seed(0)
+    att = Attention("bahdanau", 20, HE)
+    enc = make_enc()
+    query = torch.randn(B, 4, 20)
+    ctx, weights = att(query, enc.memory, enc.mask)
+    scores = att.energy(torch.tanh(att.query_proj(query).unsqueeze(2) + att.key_proj(enc.memory).unsqueeze(1)))
+    expected = scores.squeeze(-1).masked_fill(~enc.mask.unsqueeze(1), float("-inf")).softmax(-1)
+    assert torch.allclose(weights, expected, atol=1e-6)
+    assert torch.allclose(ctx, torch.bmm(expected, enc.memory), atol=1e-5)
+    assert torch.equal(att(query, enc.memory, enc.mask, att.keys(enc.memory))[1], weights)
+
+
+@pytest.mark.parametrize("kw", [c for c in CONFIGS if c["attention"] != "none"])
+def test_beams_share_the_encoder_memory(kw):
+    """EncoderOutput.repeat_batch copies nothing: the beams of an input read its one memory row, with the same
+    results as a memory copied per beam; selecting whole inputs keeps the sharing, any other rows copy."""
+    from seqgen.decoders.state import map_tensors, repeat_batch, select_batch
+    torch.manual_seed(0)
+    dec = RNNDecoder(DecoderConfig(**{"emb": 16, "hidden": 20, "dropout": 0.0, **kw}), V, enc_state_size=HE,
+                     memory_size=HE).eval()
+    enc = dec.prepare(make_enc())
+    k = 3
+    shared = repeat_batch(enc, k)
+    copied = map_tensors(enc, lambda t: t.repeat_interleave(k, dim=0))
+    assert shared.beams == k and shared.memory.data_ptr() == enc.memory.data_ptr() and copied.beams == 1
+    tokens = torch.randint(0, V, (B * k,))
+    with torch.no_grad():
+        state = dec.init_state(shared, B * k)
+        assert torch.allclose(state.h, dec.init_state(copied, B * k).h, atol=1e-6)
+        out_s, st_s = dec.step(tokens, state, shared)
+        out_c, st_c = dec.step(tokens, state, copied)
+        assert torch.allclose(out_s, out_c, atol=1e-5) and torch.allclose(st_s.attn, st_c.attn, atol=1e-6)
+        inputs_kept = torch.tensor([0, 1, 2, 6, 7, 8])            # inputs 0 and 2, all their beams
+        kept = select_batch(shared, inputs_kept)
+        assert kept.beams == k and kept.memory.size(0) == 2
+        odd = torch.tensor([1, 4, 8])                              # single beams of inputs 0, 1 and 2
+        picked = select_batch(shared, odd)
+        assert picked.beams == 1 and torch.equal(picked.memory, enc.memory[[0, 1, 2]])
+        for sel in (inputs_kept, odd):
+            a, _ = dec.step(tokens[sel], select_batch(state, sel), select_batch(shared, sel))
+            b, _ = dec.step(tokens[sel], select_batch(state, sel), select_batch(copied, sel))
+            assert torch.allclose(a, b, atol=1e-5)

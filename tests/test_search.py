@@ -345,6 +345,31 @@ def test_batched_beam_and_greedy_equal_single_inputs():
         assert g.log_prob == pytest.approx(batch_greedy[i].log_prob, abs=1e-5)
 
 
+def test_confident_model_is_not_cut_short_by_its_own_truncations():
+    # A confident model: one good token per step (0.97), eos 0.02, the rest 0.01 together. The good beam's eos
+    # candidate is then among the k best every step (the other beams are far worse), so stopping as soon as an
+    # input has k finished hypotheses returned k truncations of the answer and never the answer itself.
+    answer = (A, B, C, D, A, B)
+
+    def confident(_i: int, hist: tuple) -> list[float]:
+        if hist == answer:
+            d = {EOS: 1.0}
+        elif hist == answer[:len(hist)]:
+            good = answer[len(hist)]
+            d = {good: 0.97, EOS: 0.02, **{v: 0.01 / 3 for v in (A, B, C, D) if v != good}}
+        else:
+            d = {EOS: 0.9, A: 0.025, B: 0.025, C: 0.025, D: 0.025}
+        return [d.get(v, 0.0) for v in range(V)]
+    model = Scripted(confident)
+    for beam in (2, 3, 5):
+        for alpha in (0.0, 1.0):
+            hyps = beam_search(model, model.init_state([0]), bos=BOS, eos=EOS, beam=beam, n_best=beam,
+                               max_len=20, length_penalty=alpha)[0]
+            assert hyps[0].tokens == list(answer), (beam, alpha)
+            assert hyps[0].log_prob == pytest.approx(math.log(0.97) * len(answer), abs=1e-4)
+            assert len(hyps) == beam and all(len(h.tokens) < len(answer) for h in hyps[1:])
+
+
 def test_finished_inputs_leave_the_working_batch_a_quarter_at_a_time():
     def staggered(i: int, hist: tuple) -> list[float]:   # input i ends after i + 1 tokens, every beam of it
         d = {EOS: 1.0} if len(hist) >= i + 1 else {A: 0.6, B: 0.4}

@@ -94,11 +94,14 @@ class RNNDecoder(nn.Module):
         return dataclasses.replace(enc, memory=memory, keys=self.attention.keys(memory))
 
     def init_state(self, enc: EncoderOutput | None, batch_size: int) -> DecoderState:
-        """Initial state for `batch_size` sequences: bridged from `enc.state` [B, H_enc], else zeros."""
+        """Initial state for `batch_size` sequences: bridged from `enc.state` [B, H_enc] (each row `enc.beams`
+        times), else zeros."""
         p = self.embed.weight
         L, H = self.cfg.layers, self.cfg.hidden
         if self.bridge is not None and enc is not None and enc.state is not None:
             h = torch.tanh(self.bridge(enc.state)).view(-1, L, H)
+            if enc.beams > 1:
+                h = h.repeat_interleave(enc.beams, dim=0)
         else:
             h = p.new_zeros(batch_size, L, H)
         c = h if self.cfg.cell == "lstm" else None
@@ -185,7 +188,15 @@ class RNNDecoder(nn.Module):
         """RNN outputs [B, T, H] -> attentional vectors [B, T, O] and attention weights [B, T, S] | None."""
         if self.attention is None:
             return (out if self.pre_output is None else self.pre_output(out)), None
-        ctx, weights = self.attention(out, enc.memory, enc.mask, enc.keys)
+        g = enc.beams
+        if g == 1:
+            ctx, weights = self.attention(out, enc.memory, enc.mask, enc.keys)
+        else:
+            # The g rows of an input (its beams) become g * T queries over its one memory row: [B*g, T, H] ->
+            # [B, g*T, H]. Each step then reads the memory once per input instead of once per beam.
+            n, t = out.shape[:2]
+            ctx, weights = self.attention(out.reshape(n // g, g * t, -1), enc.memory, enc.mask, enc.keys)
+            ctx, weights = ctx.reshape(n, t, -1), weights.reshape(n, t, -1)
         return torch.tanh(self.pre_output(torch.cat([out, ctx], dim=-1))), weights
 
     def forward(self, tokens: Tensor, state: DecoderState,

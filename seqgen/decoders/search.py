@@ -296,9 +296,11 @@ def beam_search(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int
                 no_repeat_ngram: int = 0, prefix: Tensor | None = None) -> list[list[Hypothesis]]:
     """Beam search over all inputs and beams at once (one working batch of inputs * beam rows).
 
-    state: batch-first pytree for B inputs; enc: batch-first pytree or None (expanded once per beam, never
-    reordered); prefix: [P] or [B, P].  length_penalty: GNMT alpha, score = log_prob / ((5 + len) / 6) ** alpha
-    with len counting eos.  An input stops when it has `beam` finished hypotheses or after `max_len` tokens.
+    state: batch-first pytree for B inputs; enc: batch-first pytree or None (repeated once per beam with
+    `repeat_batch`, never reordered; an `EncoderOutput` shares its memory between the beams); prefix: [P] or
+    [B, P].  length_penalty: GNMT alpha, score = log_prob / ((5 + len) / 6) ** alpha with len counting eos.
+    An input stops after `max_len` tokens, or once it has `beam` finished hypotheses (the best found so far) and
+    none of its open beams, ended at the next step, would beat the worst of them.
     Returns, per input, its `n_best` best hypotheses sorted by score, best first (fewer only when the
     constraints leave fewer possible sequences).
     """
@@ -338,9 +340,8 @@ def beam_search(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int
         is_eos = top_tok == eos
         block_rows = torch.arange(blocks, device=device).unsqueeze(1) * k
 
-        # eos among the k best candidates of an input ends a hypothesis.
+        # eos among the k best candidates of an input ends a hypothesis; an input keeps its k best.
         ending = is_eos[:, :k] & torch.isfinite(top_val[:, :k])
-        newly_done: list[int] = []
         if ending.any():
             b_idx, c_idx = ending.nonzero(as_tuple=True)             # row-major: best first within an input
             parents = block_rows.squeeze(1)[b_idx] + top_beam[b_idx, c_idx]
@@ -349,11 +350,7 @@ def beam_search(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int
             norm = length_penalty_term(t + 1, length_penalty)
             for b, seq, lp, a in zip(b_idx.tolist(), history[parents, context:].tolist(),
                                      top_val[b_idx, c_idx].tolist(), attn_rows):
-                hyps = finished[live[b]]
-                if len(hyps) < k:
-                    hyps.append(Hypothesis(seq, lp / norm, lp, a))
-                    if len(hyps) == k:
-                        newly_done.append(b)
+                _keep_best(finished[live[b]], Hypothesis(seq, lp / norm, lp, a), k)
 
         # The k best non-eos candidates go on: rank eos candidates after all others and take the first k.
         pick = (rank + is_eos.long() * n_cand).topk(k, dim=1, largest=False).indices
@@ -361,6 +358,15 @@ def beam_search(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int
         new_val = new_val.masked_fill(new_tok == eos, -math.inf)  # only when fewer than k non-eos candidates exist
         parent = (block_rows + top_beam.gather(1, pick)).view(-1)
 
+        # An input is done once it has k hypotheses and its best open beam, ended at the next step, would score
+        # no better than the worst of them. Stopping at k hypotheses alone (fairseq's rule) fails confident
+        # models: each step's eos candidate of the one good beam is among the k best candidates (the other beams
+        # being far worse), so k truncations of the right answer end the input before it is complete.
+        full = [b for b in range(blocks) if b not in done and len(finished[live[b]]) == k]
+        newly_done: list[int] = []
+        if full:
+            best_open = (new_val.max(dim=1).values / length_penalty_term(t + 2, length_penalty)).tolist()
+            newly_done = [b for b in full if best_open[b] <= min(h.score for h in finished[live[b]])]
         done.update(newly_done)
         if t == max_len - 1:
             history = torch.cat([history[parent], new_tok.view(-1, 1)], dim=1)
@@ -391,6 +397,16 @@ def beam_search(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int
         log_probs, state = fn(new_tok.view(-1), state, enc)
 
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best] for hyps in finished]
+
+
+def _keep_best(hyps: list[Hypothesis], hyp: Hypothesis, k: int) -> None:
+    """Add `hyp` to an input's finished hypotheses, keeping at most the k best-scoring."""
+    if len(hyps) < k:
+        hyps.append(hyp)
+        return
+    worst = min(range(k), key=lambda j: hyps[j].score)
+    if hyp.score > hyps[worst].score:
+        hyps[worst] = hyp
 
 
 def _finish_open(finished: list[list[Hypothesis]], live: list[int], done: set[int], alive: Tensor,

@@ -44,14 +44,24 @@ def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 
 def select_batch(obj: Any, index: Tensor) -> Any:
-    """Keep / reorder / repeat batch rows: every tensor becomes `t.index_select(0, index)`."""
+    """Keep / reorder / repeat batch rows: every tensor becomes `t.index_select(0, index)`.
+
+    An object with its own `select_batch(index)` method (`EncoderOutput`) does this itself.
+    """
+    if hasattr(obj, "select_batch"):
+        return obj.select_batch(index)
     return map_tensors(obj, lambda t: t.index_select(0, index))
 
 
 def repeat_batch(obj: Any, times: int) -> Any:
-    """Repeat each batch row `times` times in place ([a, b] -> [a, a, b, b]): one row per beam."""
+    """Repeat each batch row `times` times in place ([a, b] -> [a, a, b, b]): one row per beam.
+
+    An object with its own `repeat_batch(times)` method (`EncoderOutput`, which copies nothing) does this itself.
+    """
     if times == 1:
         return obj
+    if hasattr(obj, "repeat_batch"):
+        return obj.repeat_batch(times)
     return map_tensors(obj, lambda t: t.repeat_interleave(times, dim=0))
 
 
