@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -29,7 +29,8 @@ class EncoderOutput:
     keys: Tensor | None = None
     beams: int = 1
 
-    def _map(self, fn) -> "EncoderOutput":
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> "EncoderOutput":
+        # not decoders.state.map_tensors: the decoders import this module, not the other way round
         return dataclasses.replace(self, **{f: fn(getattr(self, f)) for f in ("state", "memory", "mask", "keys")
                                             if getattr(self, f) is not None})
 
@@ -47,7 +48,7 @@ class EncoderOutput:
         if g == 1:
             return self._map(lambda t: t.index_select(0, index))
         if index.numel() % g == 0:
-            groups = index.view(-1, g)
+            groups = index.reshape(-1, g)
             first = groups[:, :1]
             if bool(((first % g == 0) & (groups == first + torch.arange(g, device=index.device))).all()):
                 inputs = first.squeeze(1) // g
