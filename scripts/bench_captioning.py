@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -30,7 +29,7 @@ import time
 import torch
 
 from seqgen.allocator import tune_cpu_allocator
-from seqgen.bench import print_rows
+from seqgen.bench import best_seconds, print_rows
 
 
 def default_data_dir() -> str | None:
@@ -232,23 +231,13 @@ def main() -> int:
         images = torch.stack([transform(load_image(f, draft_size=transform.image_size)) for f in files[:n_bound]])
         images = images.to(device)                                      # decoded and on the device beforehand
         encoder = model.encoder.eval()
-        cnn, beam = math.inf, math.inf
+        batches = range(0, n_bound, args.throughput_batch)
         with torch.inference_mode(), autocast(args.amp, device):   # the precision caption_folder decodes in
             encoder(images[:args.throughput_batch])                     # warm-up
-            for _ in range(args.repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                feats = [encoder(images[i:i + args.throughput_batch])
-                         for i in range(0, n_bound, args.throughput_batch)]
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                cnn = min(cnn, time.perf_counter() - t0)
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            for f in feats:
-                caption_tensor(model, f, test_gen)
-            beam = min(beam, time.perf_counter() - t0)
+            feats = [encoder(images[i:i + args.throughput_batch]) for i in batches]
+            cnn = best_seconds(lambda: [encoder(images[i:i + args.throughput_batch]) for i in batches],
+                               args.repeats, device)
+        beam = best_seconds(lambda: [caption_tensor(model, f, test_gen) for f in feats], args.repeats, device)
         results["cnn_images_per_s"] = n_bound / cnn
         results["beam_images_per_s"] = n_bound / beam
         results["ratio_to_bound"] = results["folder_images_per_s"] / results["cnn_images_per_s"]

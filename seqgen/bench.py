@@ -230,6 +230,19 @@ def timed_rate(work: Callable[[], float], seconds: float, device: torch.device) 
             return units / elapsed
 
 
+def best_seconds(work: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """The shortest of `repeats` timed calls of `work` (synchronised on a GPU): on a shared machine single
+    timings swing by +-15%, and the best is the least disturbed."""
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        work()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def generation_rate(model: Seq2Seq, gen: GenerationConfig, *, prompt: str = "", seed: int = 1,
                     seconds: float = 0.0) -> float:
     """Tokens generated per second at batch 1 after `prompt` (the prompt itself not counted)."""
