@@ -64,6 +64,7 @@ def main() -> int:
     p.add_argument("--emb", type=int, default=256)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--attention", default="bahdanau", choices=["bahdanau", "luong_general"])
+    p.add_argument("--attention-size", type=int, default=0, help="Bahdanau's hidden size (0 = --hidden)")
     p.add_argument("--input-feeding", action=argparse.BooleanOptionalAction, default=True,
                    help="feed the previous attentional vector into the LSTM, so every step sees the image "
                         "(Show-Attend-Tell style; slower per step). Measured: input feeding at lr 1e-3 17.7 "
@@ -135,8 +136,8 @@ def main() -> int:
                                num_workers=args.num_workers),
         encoder=resolve_weights(CNNEncoderConfig(backbone="efficientnet_lite0", weights="imagenet", freeze=True)),
         decoder=DecoderConfig(cell=args.cell, emb=args.emb, hidden=args.hidden, attention=args.attention,
-                              input_feeding=args.input_feeding, tie_embeddings=args.tie_embeddings,
-                              dropout=args.dropout,
+                              attention_size=args.attention_size, input_feeding=args.input_feeding,
+                              tie_embeddings=args.tie_embeddings, dropout=args.dropout,
                               memory_dropout=args.memory_dropout),
         train=TrainConfig(lr=args.lr, warmup_steps=200, schedule="cosine", label_smoothing=args.label_smoothing,
                           ema=args.ema, max_steps=10 ** 7, eval_every=args.eval_every, checkpoint_every=args.eval_every,
@@ -248,8 +249,9 @@ def main() -> int:
     rows = [("machine", results["machine"])]
     if "feature_seconds" in results:
         dec = run.decoder
-        rows += [("decoder", f"{dec.cell} {dec.hidden}, {dec.attention}, input feeding {dec.input_feeding}, tied "
-                             f"{dec.tie_embeddings}, dropout {dec.dropout}, lr {run.train.lr:g}, ema {run.train.ema:g}"),
+        rows += [("decoder", f"{dec.cell} {dec.hidden}, {dec.attention} {dec.attention_size or dec.hidden}, "
+                             f"input feeding {dec.input_feeding}, tied {dec.tie_embeddings}, dropout {dec.dropout}, "
+                             f"lr {run.train.lr:g}, ema {run.train.ema:g}"),
                  ("feature extraction (train + val)", f"{results['feature_seconds']:.0f} s"),
                  ("training", f"{results['train_steps']} steps in {results['train_minutes']:.1f} min"),
                  ("best validation CIDEr-D (greedy)", f"{results['best_valid_cider']:.3f}")]

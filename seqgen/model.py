@@ -144,19 +144,23 @@ class Seq2Seq(nn.Module):
         # inference_mode is cheaper per op than no_grad (decoding is many small ops), but autocast caches its
         # low-precision copies of the weights only outside it: under inference_mode every step re-cast every weight.
         no_grad = torch.no_grad() if autocast_dtype(amp, self.device) is not None else torch.inference_mode()
+        # Only a model in training mode is switched: train()/eval() walk every module (for a CNN encoder ~5 ms,
+        # which per batch of a folder run is more than the writing costs).
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()
         try:
             with no_grad, autocast(amp, self.device):
                 return self._generate(source, lengths, batch_size, gen, prefix, generator)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
 
     def _generate(self, source: Tensor | EncoderOutput | None, lengths: Tensor | None, batch_size: int | None,
                   gen: GenerationConfig, prefix: Tensor | None, generator: torch.Generator | None
                   ) -> list[list[Hypothesis]]:
         """`generate` inside its autocast region (same arguments)."""
-        enc = self.decoder.prepare(self.encode(source, lengths))
+        enc = self.decoder.prepare(self.encode(source, lengths), decoding=True)
         n = batch_size if enc is None else _batch_of(enc)
         if n is None:
             raise ValueError("generate() needs a source or batch_size")

@@ -28,28 +28,34 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("kw", CONFIGS)
-@pytest.mark.parametrize("mode", ["grad", "no_grad", "no_grad_2_threads"])
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "no_grad_2_threads", "no_grad_batch_7"])
 def test_forward_equals_repeated_step(kw, mode):
-    """Teacher forcing == stepping, including the small-batch inference path (no_grad, B <= 4) with its
-    weights split across threads."""
+    """Teacher forcing == stepping, including both inference paths: small batches (B <= 4) with weights split
+    across threads, and larger ones that look up each token's first-layer input gates (B = 7)."""
+    B = 7 if mode == "no_grad_batch_7" else 3
     torch.manual_seed(0)
     cfg = DecoderConfig(**{"emb": 16, "hidden": 20, "dropout": 0.1, **kw})
     dec = RNNDecoder(cfg, V, enc_state_size=HE, memory_size=HE).eval()
-    enc = make_enc() if cfg.attention != "none" else EncoderOutput(state=torch.randn(B, HE))
+    enc = make_enc(B) if cfg.attention != "none" else EncoderOutput(state=torch.randn(B, HE))
     tokens = torch.randint(0, V, (B, T))
     logits, final = dec(tokens, dec.init_state(enc, B), enc)
     assert logits.shape == (B, T, V)
-    state, enc_p = dec.init_state(enc, B), dec.prepare(enc)
+    state = dec.init_state(enc, B)
     threads = torch.get_num_threads()
     if mode == "no_grad_2_threads":
         torch.set_num_threads(2)
     try:
         with torch.set_grad_enabled(mode == "grad"):
+            # a search mixes the memory already projected by the combine layer; training does not
+            enc_p = dec.prepare(enc, decoding=mode != "grad")
+            assert (enc_p.values is not None) == (cfg.attention != "none" and mode != "grad")
+            assert dec.prepare(enc).values is None
             steps = [None] * T
             for t in range(T):
                 steps[t], state = dec.step(tokens[:, t], state, enc_p)
     finally:
         torch.set_num_threads(threads)
+    assert ("_gates_cache" in dec.__dict__) == (mode == "no_grad_batch_7")
     state_h = state.h
     state = dec.init_state(enc, B)
     for t in range(T):
@@ -103,17 +109,35 @@ def test_luong_dot_size_mismatch_is_a_clear_error():
         RNNDecoder(DecoderConfig(hidden=20, attention="luong_dot"), V, memory_size=HE)
 
 
-def test_small_batch_cache_follows_weight_updates():
-    """The blocked weight copy used at batch <= 4 must never serve stale weights after training."""
+def test_attention_size_sets_bahdanau_width_and_round_trips():
+    """attention_size is Bahdanau's hidden width A (0 = the decoder's hidden size), kept in the config dict."""
+    from seqgen.config import from_dict, to_dict
+    cfg = DecoderConfig(hidden=20, attention="bahdanau", attention_size=7)
+    dec = RNNDecoder(cfg, V, memory_size=HE)
+    assert dec.attention.key_proj.out_features == 7 and dec.attention.query_proj.out_features == 7
+    default = RNNDecoder(DecoderConfig(hidden=20, attention="bahdanau"), V, memory_size=HE)
+    assert default.attention.key_proj.out_features == 20
+    assert from_dict(DecoderConfig, to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match="attention_size"):
+        RNNDecoder(DecoderConfig(attention="bahdanau", attention_size=-1), V, memory_size=HE)
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_decoding_weight_caches_follow_weight_updates(batch, cell):
+    """The weight copies decoding caches (blocked weights at batch <= 4, the per-token gate table above) must
+    never serve stale weights after training."""
     torch.manual_seed(0)
-    dec = RNNDecoder(DecoderConfig(emb=8, hidden=12, cell="lstm", layers=2, dropout=0.0), V).eval()
-    tok = torch.tensor([3])
+    dec = RNNDecoder(DecoderConfig(emb=8, hidden=12, cell=cell, layers=2, dropout=0.0), V).eval()
+    tok = torch.tensor([3, 5, 7, 1, 2, 3][:batch])
     with torch.no_grad():
-        before, _ = dec.step(tok, dec.init_state(None, 1))
-        dec.rnn.weight_hh_l0.add_(0.5)          # in place, as an optimiser step does
-        after, _ = dec.step(tok, dec.init_state(None, 1))
-        ref, _ = dec(tok.unsqueeze(1), dec.init_state(None, 1))
-    torch.testing.assert_close(after, torch.log_softmax(ref[:, 0], -1), atol=1e-5, rtol=1e-5)
+        dec.step(tok, dec.init_state(None, batch))           # fills the caches
+        dec.rnn.weight_hh_l0.add_(0.5)                       # in place, as an optimiser step does
+        dec.rnn.weight_ih_l0.add_(0.1)
+        dec.embed.weight.mul_(1.5)
+        after, _ = dec.step(tok, dec.init_state(None, batch))
+    ref, _ = dec(tok.unsqueeze(1), dec.init_state(None, batch))  # with autograd: the plain cell kernels
+    torch.testing.assert_close(after, torch.log_softmax(ref[:, 0], -1).detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_memory_dropout_only_in_training():
@@ -184,7 +208,8 @@ def test_beams_share_the_encoder_memory(kw):
     torch.manual_seed(0)
     dec = RNNDecoder(DecoderConfig(**{"emb": 16, "hidden": 20, "dropout": 0.0, **kw}), V, enc_state_size=HE,
                      memory_size=HE).eval()
-    enc = dec.prepare(make_enc())
+    enc = dec.prepare(make_enc(), decoding=True)
+    assert enc.values is not None
     k = 3
     shared = repeat_batch(enc, k)
     copied = map_tensors(enc, lambda t: t.repeat_interleave(k, dim=0))
@@ -202,6 +227,7 @@ def test_beams_share_the_encoder_memory(kw):
         odd = torch.tensor([1, 4, 8])                              # single beams of inputs 0, 1 and 2
         picked = select_batch(shared, odd)
         assert picked.beams == 1 and torch.equal(picked.memory, enc.memory[[0, 1, 2]])
+        assert torch.equal(picked.values, enc.values[[0, 1, 2]]) and kept.values.size(0) == 2
         for sel in (inputs_kept, odd):
             a, _ = dec.step(tokens[sel], select_batch(state, sel), select_batch(shared, sel))
             b, _ = dec.step(tokens[sel], select_batch(state, sel), select_batch(copied, sel))

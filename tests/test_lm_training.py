@@ -98,3 +98,20 @@ def test_refuses_to_overwrite_an_existing_run(tmp_path, text_file):
     with pytest.raises(SeqgenError, match="--resume"):
         train_lm(tiny_run(text_file, max_steps=5, eval_every=5), out, log=lambda m: None)
     assert os.path.getmtime(os.path.join(out, "best.pt")) == before
+
+
+def test_generate_decodes_without_dropout_and_restores_the_mode():
+    """A model left in training mode decodes as in eval mode (no dropout) and is in training mode again after;
+    generate() leaves a model in eval mode as it is."""
+    from seqgen.model import ModelConfig, Seq2Seq
+    from seqgen.tokenizers import TextCodec
+    torch.manual_seed(0)
+    model = Seq2Seq(ModelConfig(task="lm", decoder=DecoderConfig(emb=8, hidden=16, dropout=0.5)),
+                    tgt=TextCodec.build("char", [TEXT]))
+    gen = GenerationConfig(beam=3, n_best=2, max_len=12, amp="off")
+    ref = model.eval().generate(batch_size=4, gen=gen)
+    assert not any(m.training for m in model.modules())
+    got = model.train().generate(batch_size=4, gen=gen)
+    assert all(m.training for m in model.modules())
+    assert [[(h.tokens, round(h.score, 5)) for h in hs] for hs in got] == \
+           [[(h.tokens, round(h.score, 5)) for h in hs] for hs in ref]

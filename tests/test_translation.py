@@ -138,15 +138,17 @@ def test_decoding_precision_follows_amp(trained, amp):
 
 def test_bf16_decoding_casts_each_weight_once(trained):
     """autocast caches its bf16 copies of the weights for the whole search (outside inference_mode it can):
-    without the cache, every step re-casts every weight."""
+    without the cache, every step re-casts every weight. (The attention's query projection: the first RNN
+    layer's weights are cast once per weight version by the decoder itself, see RNNDecoder._gate_table.)"""
     from torch.profiler import profile
     _, paths, _, model = trained
-    shape = list(model.decoder.rnn.weight_hh_l0.shape)
+    shape = list(model.decoder.attention.query_proj.weight.shape)
     with profile(record_shapes=True) as prof:
         hyps = translate_nbest(model, paths["test_pairs"][0][:8], GenerationConfig(beam=3, max_len=20, amp="bf16"))
     casts = sum(e.count for e in prof.key_averages(group_by_input_shape=True)
                 if e.key == "aten::copy_" and e.input_shapes[:2] == [shape, shape])
-    assert max(len(h[0].text.split()) for h in hyps) >= 3 and casts == 1, casts
+    same_shape = sum(1 for p in model.parameters() if list(p.shape) == shape)   # the key projection, the bridge
+    assert max(len(h[0].text.split()) for h in hyps) >= 3 and casts == same_shape, casts
 
 
 # -- every attention variant decodes consistently ----------------------------------------------------------

@@ -22,6 +22,10 @@ class DecoderConfig:
     hidden: int = 512
     layers: int = 1
     attention: Literal["none", "bahdanau", "luong_dot", "luong_general"] = "none"
+    # Bahdanau's hidden size A (0 = `hidden`). Decoding cost grows with S * A per token (a [rows, S, A] sigmoid):
+    # for 49-cell image grids it is the largest part of a beam step. Flickr8k with A = 128: beam search 1.3x
+    # faster, test BLEU-4 0.6 lower than with 512 (docs/performance.md).
+    attention_size: int = 0
     # True = the previous attentional vector is fed into the next RNN input (Luong); this forces a Python
     # loop over time steps in training, so it is off by default (see docs/performance.md).
     input_feeding: bool = False
@@ -36,6 +40,28 @@ class DecoderConfig:
 # At most this many rows per step, CPU inference steps are bound by memory bandwidth, not arithmetic
 # (see `RNNDecoder._rnn_one_step`): float32 weights split across threads beat any lower-precision kernel there.
 SMALL_BATCH = 4
+
+
+# The first layer's per-token input gates (`RNNDecoder._gate_table`) are cached only up to this size: [V, 4H]
+# for a captioning vocabulary of 2,650 words and H = 512 is 11 MB in bfloat16.
+GATE_TABLE_MAX_BYTES = 64 << 20
+
+
+def _lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """LSTM cell from its pre-activations: gates [B, 4H] (order i, f, g, o), c [B, H] -> (h, c) [B, H]."""
+    H = c.size(1)
+    act = torch.sigmoid(gates)   # one sigmoid over all four gates is cheaper than three calls
+    c = torch.addcmul(act[:, H:2 * H] * c, act[:, :H], torch.tanh(gates[:, 2 * H:3 * H]))
+    return act[:, 3 * H:] * torch.tanh(c), c
+
+
+def _gru_update(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
+    """GRU cell from its input and hidden pre-activations gi, gh [B, 3H] (order r, z, n) and h [B, H]."""
+    H = h.size(1)
+    rz = torch.sigmoid(gi[:, :2 * H] + gh[:, :2 * H])
+    n = torch.tanh(torch.addcmul(gi[:, 2 * H:], rz[:, :H], gh[:, 2 * H:]))
+    z = rz[:, H:]
+    return n + z * (h - n)
 
 
 class RNNDecoder(nn.Module):
@@ -62,7 +88,9 @@ class RNNDecoder(nn.Module):
                            dropout=cfg.dropout if cfg.layers > 1 else 0.0)
         self.bridge = (nn.Linear(enc_state_size, cfg.layers * cfg.hidden)
                        if cfg.bridge and enc_state_size else None)
-        self.attention = (Attention(cfg.attention, cfg.hidden, memory_size)
+        if cfg.attention_size < 0:
+            raise ValueError(f"attention_size must be >= 0 (0 = hidden), got {cfg.attention_size}")
+        self.attention = (Attention(cfg.attention, cfg.hidden, memory_size, cfg.attention_size or None)
                           if self.has_attention else None)
         pre_in = cfg.hidden + (memory_size if self.has_attention else 0)
         # Attention needs the combine layer (Luong's W_c); without it, project only when sizes differ.
@@ -79,19 +107,31 @@ class RNNDecoder(nn.Module):
             self.output.weight = self.embed.weight
 
     # -- state ---------------------------------------------------------------------------------------
-    def prepare(self, enc: EncoderOutput | None) -> EncoderOutput | None:
-        """Return `enc` with attention keys precomputed, so stepping does not redo them every token.
+    def prepare(self, enc: EncoderOutput | None, *, decoding: bool = False) -> EncoderOutput | None:
+        """Return `enc` with what every step would otherwise recompute from the memory: the attention keys and,
+        with `decoding` (before a search steps through it), the memory through the combine layer
+        (`EncoderOutput.values`).
 
         Under autocast the memory is cast to its dtype here, once: otherwise every step's matmuls would cast
         the whole [B, S, H_mem] memory again (for captioning beams, a quarter of the search's time).
         """
-        if enc is None or self.attention is None or enc.keys is not None:
+        if enc is None or self.attention is None:
             return enc
+        need_keys = self.attention.kind == "bahdanau" and enc.keys is None
+        # Only for a search: teacher forcing (training, validation loss) mixes the H_mem-wide memory once per target
+        # position, cheaper than projecting every memory position when T < S (image grids).
+        need_values = decoding and enc.values is None
         memory = enc.memory
         dtype = active_autocast_dtype(memory.device.type)
-        if dtype is not None and memory.is_floating_point():
+        need_cast = dtype is not None and memory.is_floating_point() and memory.dtype != dtype
+        if not (need_keys or need_values or need_cast):
+            return enc
+        if need_cast:
             memory = memory.to(dtype)
-        return dataclasses.replace(enc, memory=memory, keys=self.attention.keys(memory))
+        keys = self.attention.keys(memory) if need_keys else enc.keys
+        values = (F.linear(memory, self.pre_output.weight[:, self.cfg.hidden:]) if need_values
+                  else enc.values)
+        return dataclasses.replace(enc, memory=memory, keys=keys, values=values)
 
     def init_state(self, enc: EncoderOutput | None, batch_size: int) -> DecoderState:
         """Initial state for `batch_size` sequences: bridged from `enc.state` [B, H_enc] (each row `enc.beams`
@@ -110,10 +150,11 @@ class RNNDecoder(nn.Module):
         return DecoderState(h=h, c=c, feed=feed)
 
     # -- running -------------------------------------------------------------------------------------
-    def _rnn(self, x: Tensor, state: DecoderState) -> tuple[Tensor, Tensor, Tensor | None]:
-        """x [B, T, I] -> outputs [B, T, H], h [B, L, H], c [B, L, H] | None."""
+    def _rnn(self, x: Tensor, state: DecoderState,
+             tokens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x [B, T, I] -> outputs [B, T, H], h [B, L, H], c [B, L, H] | None. tokens: [B, T] ids that x embeds."""
         if x.size(1) == 1 and not (self.training and self.rnn.dropout > 0):
-            return self._rnn_one_step(x, state)
+            return self._rnn_one_step(x, state, tokens)
         h0 = state.h.transpose(0, 1).contiguous()
         if self.cfg.cell == "lstm":
             out, (h, c) = self.rnn(x, (h0, state.c.transpose(0, 1).contiguous()))
@@ -121,36 +162,84 @@ class RNNDecoder(nn.Module):
         out, h = self.rnn(x, h0)
         return out, h.transpose(0, 1), None
 
-    def _rnn_one_step(self, x: Tensor, state: DecoderState) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _rnn_one_step(self, x: Tensor, state: DecoderState,
+                      tokens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """One time step through the layers. At T = 1 the multi-layer sequence kernel costs several times
         the arithmetic, and at batch 1 the matrix-vector products are memory-bound, so small batches use
-        weights split across the CPU threads (see `_small_batch_matmul`); otherwise the fused cell kernels."""
+        weights split across the CPU threads (see `_small_batch_matmul`); larger decoding batches look up the
+        first layer's input gates of each token (see `_gate_table`); training uses the fused cell kernels."""
         inp, hs, cs = x[:, 0], [], []
-        small = inp.size(0) <= SMALL_BATCH and not torch.is_grad_enabled() and inp.device.type == "cpu"
+        decoding = not torch.is_grad_enabled() and not self.training
+        small = decoding and inp.size(0) <= SMALL_BATCH and inp.device.type == "cpu"
+        amp = active_autocast_dtype(inp.device.type)
+        table = self._gate_table(amp or inp.dtype) if decoding and not small and tokens is not None else None
         flat = self.rnn._flat_weights  # [w_ih, w_hh, b_ih, b_hh] per layer; cheaper than 4 getattr per layer
         for k in range(self.cfg.layers):
             w_ih, w_hh, b_ih, b_hh = flat[4 * k:4 * k + 4]
-            h = state.h[:, k]
-            if self.cfg.cell == "lstm":
-                if small:
-                    gates = self._small_batch_matmul(torch.cat([inp, h], dim=1), (w_ih, w_hh), (b_ih, b_hh))
-                    H = h.size(1)  # gate order i, f, g, o; one sigmoid over all four is cheaper than three calls
-                    act = torch.sigmoid(gates)
-                    c = torch.addcmul(act[:, H:2 * H] * state.c[:, k], act[:, :H], torch.tanh(gates[:, 2 * H:3 * H]))
-                    inp = act[:, 3 * H:] * torch.tanh(c)
+            h, lstm = state.h[:, k], self.cfg.cell == "lstm"
+            if k == 0 and table is not None:
+                gates_x, w_rest, w_hh_t = table
+                rest = inp[:, self.cfg.emb:]                       # the input-feeding part, or nothing
+                gx = gates_x.index_select(0, tokens[:, 0])
+                if lstm:
+                    gates = torch.addmm(gx, torch.cat([rest, h], dim=1).to(gx.dtype), w_rest)
                 else:
-                    inp, c = torch.lstm_cell(inp, (h, state.c[:, k]), w_ih, w_hh, b_ih, b_hh)
-                cs.append(c)
+                    gi = gx if w_rest is None else torch.addmm(gx, rest.to(gx.dtype), w_rest)
+                    gh = torch.addmm(b_hh.to(gx.dtype), h.to(gx.dtype), w_hh_t)
             elif small:
-                gi = self._small_batch_matmul(inp, (w_ih,), (b_ih,)).chunk(3, dim=1)
-                gh = self._small_batch_matmul(h, (w_hh,), (b_hh,)).chunk(3, dim=1)
-                r, z = torch.sigmoid(gi[0] + gh[0]), torch.sigmoid(gi[1] + gh[1])
-                n = torch.tanh(gi[2] + r * gh[2])
-                inp = (1 - z) * n + z * h
+                if lstm:
+                    gates = self._small_batch_matmul(torch.cat([inp, h], dim=1), (w_ih, w_hh), (b_ih, b_hh))
+                else:
+                    gi = self._small_batch_matmul(inp, (w_ih,), (b_ih,))
+                    gh = self._small_batch_matmul(h, (w_hh,), (b_hh,))
+            elif lstm:
+                inp, c = torch.lstm_cell(inp, (h, state.c[:, k]), w_ih, w_hh, b_ih, b_hh)
+                hs.append(inp)
+                cs.append(c)
+                continue
             else:
                 inp = torch.gru_cell(inp, h, w_ih, w_hh, b_ih, b_hh)
+                hs.append(inp)
+                continue
+            if lstm:
+                inp, c = _lstm_update(gates, state.c[:, k])
+                cs.append(c)
+            else:
+                inp = _gru_update(gi, gh, h)
             hs.append(inp)
         return inp.unsqueeze(1), torch.stack(hs, 1), (torch.stack(cs, 1) if cs else None)
+
+    def _gate_table(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+        """For decoding: the first layer's input gates of every vocabulary entry, and that layer's other weights.
+
+        Returns (gates_x [V, G] = embed @ W_ih[:, :E]^T + biases, w_rest, w_hh_t) in `dtype`, with w_rest the
+        transposed weights the rest of the step multiplies ([feed; h] for an LSTM, the feed for a GRU, None
+        without input feeding) and w_hh_t W_hh^T for a GRU. A step then looks its tokens' rows up instead of
+        multiplying the embeddings, and runs one matmul (LSTM) on weights already in `dtype`, where autocast
+        would cast W_ih and W_hh again each step. Cached until a weight changes; None when the table would
+        exceed GATE_TABLE_MAX_BYTES (a large vocabulary): the fused cell then runs as in training.
+        """
+        w_ih, w_hh, b_ih, b_hh = self.rnn._flat_weights[:4]
+        if self.vocab_size * w_ih.size(0) * torch.finfo(dtype).bits // 8 > GATE_TABLE_MAX_BYTES:
+            return None
+        sources = (self.embed.weight, w_ih, w_hh, b_ih, b_hh)
+        key = [dtype] + [(w.data_ptr(), w._version) for w in sources]
+        hit = self.__dict__.get("_gates_cache")
+        if hit is None or hit[0] != key:
+            E = self.cfg.emb
+            with torch.autocast(w_ih.device.type, enabled=False):
+                w_ih32 = w_ih.detach().float()
+                lstm = self.cfg.cell == "lstm"
+                bias = b_ih.detach().float() + (b_hh.detach().float() if lstm else 0)
+                gates_x = torch.addmm(bias, self.embed.weight.detach().float(), w_ih32[:, :E].t())
+                rest = w_ih32[:, E:]
+                if lstm:
+                    w_rest, w_hh_t = torch.cat([rest, w_hh.detach().float()], dim=1).t(), None
+                else:
+                    w_rest, w_hh_t = (rest.t() if rest.size(1) else None), w_hh.detach().float().t()
+            hit = (key, tuple(None if t is None else t.to(dtype).contiguous() for t in (gates_x, w_rest, w_hh_t)))
+            self.__dict__["_gates_cache"] = hit
+        return hit[1]
 
     def _small_batch_matmul(self, x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor, ...]) -> Tensor:
         """x [B, I] @ cat(weights, dim=1)^T + sum(biases) -> [B, G] for tiny B.
@@ -185,19 +274,27 @@ class RNNDecoder(nn.Module):
         return out.transpose(0, 1).reshape(x.size(0), -1)
 
     def _pre_output(self, out: Tensor, enc: EncoderOutput | None) -> tuple[Tensor, Tensor | None]:
-        """RNN outputs [B, T, H] -> attentional vectors [B, T, O] and attention weights [B, T, S] | None."""
+        """RNN outputs [B, T, H] -> attentional vectors [B, T, O] and attention weights [B, T, S] | None.
+
+        The attentional vector is tanh(W_c [out; ctx]) with ctx = weights @ memory. With `enc.values`
+        (= memory @ W_c[:, H:]^T) the memory half is weights @ values instead: the same sum, O-wide not H_mem-wide.
+        """
         if self.attention is None:
             return (out if self.pre_output is None else self.pre_output(out)), None
         g = enc.beams
-        if g == 1:
-            ctx, weights = self.attention(out, enc.memory, enc.mask, enc.keys)
-        else:
-            # The g rows of an input (its beams) become g * T queries over its one memory row: [B*g, T, H] ->
-            # [B, g*T, H]. Each step then reads the memory once per input instead of once per beam.
-            n, t = out.shape[:2]
-            ctx, weights = self.attention(out.reshape(n // g, g * t, -1), enc.memory, enc.mask, enc.keys)
+        # The g rows of an input (its beams) become g * T queries over its one memory row: [B*g, T, H] ->
+        # [B, g*T, H]. Each step then reads the memory once per input instead of once per beam.
+        n, t = out.shape[:2]
+        query = out if g == 1 else out.reshape(n // g, g * t, -1)
+        if enc.values is None:
+            ctx, weights = self.attention(query, enc.memory, enc.mask, enc.keys)
             ctx, weights = ctx.reshape(n, t, -1), weights.reshape(n, t, -1)
-        return torch.tanh(self.pre_output(torch.cat([out, ctx], dim=-1))), weights
+            return torch.tanh(self.pre_output(torch.cat([out, ctx], dim=-1))), weights
+        weights = self.attention.weights(query, enc.memory, enc.mask, enc.keys)
+        mixed = torch.bmm(weights.to(enc.values.dtype), enc.values).reshape(n, t, -1)
+        H = self.cfg.hidden
+        pre = torch.addmm(self.pre_output.bias, out.reshape(n * t, H), self.pre_output.weight[:, :H].t())
+        return torch.tanh(pre.view(n, t, -1) + mixed), weights.reshape(n, t, -1)
 
     def forward(self, tokens: Tensor, state: DecoderState,
                 enc: EncoderOutput | None = None) -> tuple[Tensor, DecoderState]:
@@ -210,12 +307,11 @@ class RNNDecoder(nn.Module):
         if self.training:
             x = self.dropout(x)
         if self.training and self.memory_dropout is not None and enc is not None and enc.memory is not None:
-            enc = dataclasses.replace(enc, memory=self.memory_dropout(enc.memory), keys=None)
-        if self.attention is not None and enc is not None and enc.keys is None:
-            enc = self.prepare(enc)
+            enc = dataclasses.replace(enc, memory=self.memory_dropout(enc.memory), keys=None, values=None)
+        enc = self.prepare(enc)   # a no-op when the caller (search) prepared it once for all steps
         if state.feed is None:
             # The whole target sequence goes through the RNN in one call: no Python loop per time step.
-            out, h, c = self._rnn(x, state)
+            out, h, c = self._rnn(x, state, tokens)
             o, weights = self._pre_output(out, enc)
             feed, last_attn = None, (weights[:, -1] if weights is not None else None)
         else:
@@ -223,7 +319,7 @@ class RNNDecoder(nn.Module):
             outs, last_attn = [], None
             for t in range(x.size(1)):
                 step_in = torch.cat([x[:, t:t + 1], feed.unsqueeze(1)], dim=-1)
-                out, h, c = self._rnn(step_in, DecoderState(h=h, c=c))
+                out, h, c = self._rnn(step_in, DecoderState(h=h, c=c), tokens[:, t:t + 1])
                 o_t, w = self._pre_output(out, enc)
                 feed, last_attn = o_t[:, 0], w[:, 0]
                 outs.append(o_t)

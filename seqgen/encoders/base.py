@@ -18,6 +18,8 @@ class EncoderOutput:
     mask:   [B, S] bool   True where `memory` is real, False on padding.
     keys:   [B, S, A]     attention keys precomputed from `memory` by `RNNDecoder.prepare` (Bahdanau
                           attention), so that search does not recompute them every step; None otherwise.
+    values: [B, S, O]     `memory` through the decoder's combine layer, precomputed by `RNNDecoder.prepare` for
+                          decoding: a step then mixes these O-wide rows instead of H_mem-wide ones; None otherwise.
     beams:  how many consecutive decoder rows read each input: the decoder batch is [B * beams]. Beam search
             repeats an input per beam this way instead of copying its memory (`repeat_batch`), so each step
             reads [B, S, H_mem] once for all beams.
@@ -27,12 +29,13 @@ class EncoderOutput:
     memory: Tensor | None = None
     mask: Tensor | None = None
     keys: Tensor | None = None
+    values: Tensor | None = None
     beams: int = 1
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> "EncoderOutput":
         # not decoders.state.map_tensors: the decoders import this module, not the other way round
-        return dataclasses.replace(self, **{f: fn(getattr(self, f)) for f in ("state", "memory", "mask", "keys")
-                                            if getattr(self, f) is not None})
+        fields = ("state", "memory", "mask", "keys", "values")
+        return dataclasses.replace(self, **{f: fn(getattr(self, f)) for f in fields if getattr(self, f) is not None})
 
     def repeat_batch(self, times: int) -> "EncoderOutput":
         """Each input read by `times` times as many consecutive decoder rows (one per beam); copies nothing."""
