@@ -47,6 +47,12 @@ SMALL_BATCH = 4
 GATE_TABLE_MAX_BYTES = 64 << 20
 
 
+def _weights_key(tensors: tuple[Tensor, ...]) -> list[tuple[int, int]]:
+    """What a cached copy of these weights is valid for: their storage and in-place version (an optimiser step
+    or a loaded state dict changes one of them)."""
+    return [(t.data_ptr(), t._version) for t in tensors]
+
+
 def _lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """LSTM cell from its pre-activations: gates [B, 4H] (order i, f, g, o), c [B, H] -> (h, c) [B, H]."""
     H = c.size(1)
@@ -223,7 +229,7 @@ class RNNDecoder(nn.Module):
         if self.vocab_size * w_ih.size(0) * torch.finfo(dtype).bits // 8 > GATE_TABLE_MAX_BYTES:
             return None
         sources = (self.embed.weight, w_ih, w_hh, b_ih, b_hh)
-        key = [dtype] + [(w.data_ptr(), w._version) for w in sources]
+        key = [dtype] + _weights_key(sources)
         hit = self.__dict__.get("_gates_cache")
         if hit is None or hit[0] != key:
             E = self.cfg.emb
@@ -252,7 +258,7 @@ class RNNDecoder(nn.Module):
         rows = weights[0].size(0)
         cache = self.__dict__.setdefault("_blocked", {})
         key = (weights[0].data_ptr(), parts)
-        versions = [w._version for w in weights + biases] + [w.data_ptr() for w in weights + biases]
+        versions = _weights_key(weights + biases)
         hit = cache.get(key)
         if hit is None or hit[0] != versions:
             w = torch.cat([w.detach() for w in weights], dim=1)                  # [G, I]
