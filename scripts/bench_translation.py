@@ -13,7 +13,8 @@ Parts (--parts, comma separated; default all):
            hidden 512, 1-layer bi-GRU encoder, 1-layer GRU decoder, Bahdanau attention with input feeding,
            8k joint BPE, batch 64 sentences; the default configuration is this one), for the default when it
            differs, and for the fast no-input-feeding model (Luong attention; same BPE and batch).
-  decode   sentences/s decoding test_2016_flickr at batch 64, greedy and beam 5 (the quality model, or --model).
+  decode   sentences/s decoding test_2016_flickr at batch 64, greedy and beam 5 (the quality model, or --model),
+           best of --repeats runs.
   mfu      model FLOPs per target token (seqgen.bench.forward_flops, matmul FLOPs only) x tokens/s, divided by
            the matmul FLOP/s measured in this run (float32, and bfloat16 when training runs under bf16 autocast;
            needs speed).
@@ -34,7 +35,7 @@ from dataclasses import replace
 import torch
 
 from seqgen.allocator import tune_cpu_allocator
-from seqgen.bench import forward_flops, matmul_flops
+from seqgen.bench import best_seconds, forward_flops, matmul_flops
 from seqgen.config import from_dict, load_yaml, merge, to_dict
 from seqgen.data.text import read_lines
 from seqgen.decoders.rnn import DecoderConfig
@@ -132,9 +133,9 @@ def run_decode(args, model: Seq2Seq) -> dict:
         for name, beam in (("greedy", 1), ("beam5", 5)):
             gen = GenerationConfig(beam=beam, max_len=100, amp=amp)
             translate(model, src[:64], gen, batch_size=64)    # warm-up
-            t0 = time.perf_counter()
-            hyps = translate(model, src, gen, batch_size=64)
-            out[amp, name] = (len(src) / (time.perf_counter() - t0), corpus_scores(hyps, ref)["bleu"])
+            seconds = best_seconds(lambda: translate(model, src, gen, batch_size=64), args.repeats, model.device)
+            hyps = translate(model, src, gen, batch_size=64)   # deterministic: the timed runs' output
+            out[amp, name] = (len(src) / seconds, corpus_scores(hyps, ref)["bleu"])
     return out
 
 
@@ -151,6 +152,8 @@ def main() -> int:
     p.add_argument("--model", help="decode: an existing checkpoint instead of the quality run's best.pt")
     p.add_argument("--decode-amp", default="auto,off",
                    help="decode: precisions to time, comma-separated (auto = bf16 where native, the default)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="decode: timed runs of each setting; each reports its best (single timings swing +-15%%)")
     p.add_argument("--speed-seconds", type=float, default=90.0, help="speed: training seconds per configuration")
     p.add_argument("--speed-sentences", type=int, default=0, help="speed: use the first N training pairs (0 = all)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
@@ -161,6 +164,8 @@ def main() -> int:
     parts = set(args.parts.split(","))
     if unknown := parts - {"quality", "speed", "decode", "mfu"}:
         p.error(f"unknown part(s) {', '.join(sorted(unknown))}")
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1 (got {args.repeats})")
     missing = [f for f in FILES if not args.data_dir or not os.path.isfile(os.path.join(args.data_dir, f))]
     if missing:
         print(f"bench_translation: error: pass --data-dir DIR or set SEQGEN_DATA; missing {', '.join(missing)} "
