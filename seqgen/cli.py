@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(lm, LMRunConfig)
 
     gen = sub.add_parser("generate", help="continue a prompt with a language model")
-    gen.add_argument("checkpoint")
+    gen.add_argument("checkpoint", metavar="MODEL", help="a language-model checkpoint (best.pt) or a shipped "
+                                                         "model's name (e.g. shakespeare-char)")
     gen.add_argument("--prompt", default="", help="text to continue (default: empty)")
     gen.add_argument("--num-samples", type=int, default=1)
     gen.add_argument("--greedy", action="store_true", help="deterministic: always the most likely token")
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text,
                            description="Beam search with --beam 5 unless --greedy, --beam N or --temperature T "
                                        "(sampling) is given.")
-        p.add_argument("checkpoint", help="a translation checkpoint (best.pt)")
+        p.add_argument("checkpoint", metavar="MODEL",
+                       help="a translation checkpoint (best.pt) or a shipped model's name (e.g. multi30k-de-en)")
         if name == "translate":
             p.add_argument("input", nargs="?", default="-", help="source file, one sentence per line (default: stdin)")
             p.add_argument("--out", default="-", help="write translations here (default: stdout); with --n-best N, "
@@ -93,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--greedy, --beam N or --temperature T is given. Under torchrun "
                                    "--nproc_per_node N each process captions every N-th batch into a part file "
                                    "next to --out, and process 0 merges the parts into --out in listing order.")
-    c.add_argument("checkpoint", help="a captioning checkpoint (best.pt)")
+    c.add_argument("checkpoint", metavar="MODEL",
+                   help="a captioning checkpoint (best.pt) or a shipped model's name (e.g. flickr8k-captioner)")
     c.add_argument("inputs", nargs="+", metavar="FOLDER_OR_FILE", help="image folders and/or image files")
     c.add_argument("--out", required=True, help="captions.jsonl ({image, caption, score} per line) or captions.csv")
     c.add_argument("--batch-size", type=int, default=64, help="images per CNN + beam search batch (default: 64)")
@@ -125,10 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="FILE", help="also write the results here")
     bench.add_argument("--tiny", action="store_true", help="toy model sizes: a smoke test in seconds")
 
-    demo = sub.add_parser("demo", help="train a small model on bundled text and generate (offline, < 1 min)")
-    demo.add_argument("--seconds", type=float, default=40.0, help="training budget (default: 40)")
-    demo.add_argument("--out", default=None, help="keep the demo run here (default: a temp folder)")
-    demo.add_argument("--seed", type=int, default=1)
+    demo = sub.add_parser("demo", help="caption a photo, translate German and continue a prompt with the shipped "
+                                       "models (offline, < 1 min); --train: train a small model first")
+    demo.add_argument("--train", action="store_true",
+                      help="instead: train a small character model on generated text, then generate from it")
+    demo.add_argument("--seconds", type=float, default=40.0, help="with --train: training budget (default: 40)")
+    demo.add_argument("--out", default=None, help="folder for the attention map (default: runs/demo); with "
+                                                  "--train: keep the run here (default: a temp folder)")
+    demo.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+
+    sub.add_parser("models", help="list the models that ship with seqgen: task, size, data, quality, speed",
+                   description="Each name works wherever a checkpoint path does (a path that exists wins).")
     return parser
 
 
@@ -202,8 +212,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from seqgen.tasks.demo import run_demo
-    run_demo(seconds=args.seconds, out=args.out, seed=args.seed)
+    from seqgen.tasks.demo import run_demo, run_training_demo
+    if args.train:
+        run_training_demo(seconds=args.seconds, out=args.out, seed=args.seed)
+    else:
+        run_demo(out=args.out or "runs/demo", seed=args.seed)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from seqgen.zoo import table
+    print(table())
     return 0
 
 
@@ -217,13 +236,17 @@ def cmd_train_translation(args: argparse.Namespace) -> int:
     return 0
 
 
-def _translation_gen(args: argparse.Namespace):
-    """--greedy | --beam N | --temperature T (sampling); beam 5 when none is given."""
+def _search_gen(args: argparse.Namespace, defaults: dict | None = None):
+    """--greedy | --beam N | --temperature T (sampling); beam 5 when none is given.
+
+    defaults: the task's decoding defaults for the generation flags the user did not type (captioning)."""
     import dataclasses
 
     from seqgen.model import GenerationConfig
-    gen = from_dict(GenerationConfig, flags_to_dict(args).get("gen", {}), where="flags")
     typed = vars(args)
+    given = flags_to_dict(args).get("gen", {})
+    untyped = {k: v for k, v in (defaults or {}).items() if f"gen.{k}" not in typed}
+    gen = from_dict(GenerationConfig, {**given, **untyped}, where="flags")
     if args.greedy:
         if ("gen.beam" in typed and gen.beam > 1) or ("gen.temperature" in typed and gen.temperature > 0):
             raise SeqgenError("--greedy cannot be combined with --beam N or --temperature T")
@@ -275,7 +298,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     import os
 
     from seqgen.tasks.translation import translate_nbest
-    gen = _translation_gen(args)
+    gen = _search_gen(args)
     if args.out != "-" and args.input != "-" and os.path.abspath(args.out) == os.path.abspath(args.input):
         raise SeqgenError(f"--out {args.out} is the input file; choose another output (nothing was written)")
     model = _load_translation_model(args)
@@ -318,7 +341,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from seqgen.data.text import read_lines
     from seqgen.tasks.translation import corpus_scores, translate
-    gen = _translation_gen(args)
+    gen = _search_gen(args)
     src, ref = read_lines(args.src), read_lines(args.ref)
     if len(src) != len(ref):
         raise SeqgenError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)} "
@@ -363,7 +386,10 @@ def _caption(args: argparse.Namespace) -> int:
     from seqgen.distributed import launch_info, setup
     from seqgen.model import load_model
     from seqgen.tasks.captioning import caption_folder, output_format
-    gen = _translation_gen(args)   # the same --greedy | --beam N | --temperature T rules, beam 5 by default
+    from seqgen.tasks.captioning import default_caption_gen
+    caption_defaults = default_caption_gen()
+    # the same --greedy | --beam N | --temperature T rules as translate, and the caption defaults (no loops)
+    gen = _search_gen(args, {"max_len": caption_defaults.max_len, "no_repeat_ngram": caption_defaults.no_repeat_ngram})
     output_format(args.out)        # an unknown extension fails before the model is loaded
     dist = setup(args.device)      # under torchrun: this process's share of the folder and its device
     if dist.world > 1 and dist.device.type == "cpu":
@@ -390,7 +416,8 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate, ("demo", None): cmd_demo,
-            ("plot", None): cmd_plot, ("bench", None): cmd_bench}
+            ("plot", None): cmd_plot, ("bench", None): cmd_bench,
+            ("models", None): cmd_models}
 # COMMANDS.update(...) lines for translation / captioning go here
 COMMANDS.update({("train", "captioning"): cmd_train_captioning, ("caption", None): cmd_caption})
 COMMANDS.update({("train", "translation"): cmd_train_translation, ("translate", None): cmd_translate,

@@ -169,3 +169,11 @@ def cider_d(hyps: Sequence[str], refs: Sequence[Sequence[str]], sigma: float = 6
     """Corpus CIDEr-D: the mean of `cider_d_scores` over images (refs[i]: the references of image i)."""
     scores = cider_d_scores(hyps, refs, sigma=sigma)
     return sum(scores) / len(scores)
+
+
+def max_ngram_repeats(text: str, n: int = 3) -> int:
+    """How often the most frequent word n-gram of `text` occurs (split on whitespace, lowercased); 0 if the
+    text has fewer than n words. "a man in a red hat and a red hat" -> 2 for n = 3 ("a red hat")."""
+    words = text.lower().split()
+    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return max(grams.values(), default=0)

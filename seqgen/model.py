@@ -185,8 +185,8 @@ class Seq2Seq(nn.Module):
 
     def caption(self, images: list, *, beam: int = 5, batch_size: int = 64, **gen_options) -> list[str]:
         """Caption image paths or PIL images; returns one caption per image (see tasks.captioning)."""
-        from seqgen.tasks.captioning import caption_images
-        return caption_images(self, images, GenerationConfig(beam=beam, **gen_options), batch_size=batch_size)
+        from seqgen.tasks.captioning import caption_images, default_caption_gen
+        return caption_images(self, images, default_caption_gen(beam=beam, **gen_options), batch_size=batch_size)
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def to_payload(self) -> dict:
@@ -197,6 +197,12 @@ class Seq2Seq(nn.Module):
 
     @classmethod
     def from_payload(cls, payload: dict, *, where: str = "checkpoint") -> "Seq2Seq":
+        """The model a payload describes; a compact payload (seqgen.zoo.compact) is expanded to float32."""
+        from seqgen.zoo.compact import expand_payload, external_weights, is_compact
+        external_source, external_keys = None, []
+        if is_compact(payload):
+            external_source, external_keys = external_weights(payload)
+            payload = expand_payload(payload, where)
         try:
             config = from_dict(ModelConfig, json.loads(payload["config"]), where=where)
             tgt = TextCodec.from_dict(payload["tgt"])
@@ -205,13 +211,21 @@ class Seq2Seq(nn.Module):
             raise SeqgenError(f"{where}: checkpoint is missing or has a malformed entry ({e})") from None
         if config.image_encoder is not None:
             # the trained weights are in the checkpoint: never fetch or read backbone weights again
-            config.image_encoder = dataclasses.replace(config.image_encoder, weights=None, weights_file=None)
+            # (a compact file names the package that installs its frozen backbone's weights instead)
+            config.image_encoder = dataclasses.replace(config.image_encoder, weights=external_source,
+                                                       weights_file=None)
+        elif external_keys:
+            raise SeqgenError(f"{where}: compact file leaves weights to a package, but the model has no image encoder")
         model = cls(config, tgt, src)
         try:
-            model.load_state_dict(payload["model"])
+            missing, unexpected = model.load_state_dict(payload["model"], strict=not external_keys)
         except RuntimeError as e:
             raise SeqgenError(f"{where}: weights do not match the model config "
                               f"({str(e).splitlines()[0][:160]})") from None
+        # (BatchNorm does not report a missing num_batches_tracked: missing may be a strict subset)
+        if external_keys and (unexpected or not set(missing) <= set(external_keys)):
+            raise SeqgenError(f"{where}: weights do not match the model config ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected, {len(external_keys)} left to {external_source})")
         return model
 
 
@@ -229,13 +243,23 @@ def _batch_of(enc: EncoderOutput) -> int:
     raise ValueError("EncoderOutput has no tensors")
 
 
-def load_model(path: str, *, device: str | torch.device = "cpu", task: Task | None = None) -> Seq2Seq:
-    """Load a trained model from a checkpoint file, in eval mode on `device`.
+# What each task's models are used with: named in the error when a model is given the wrong job.
+TASK_COMMANDS = {"translation": "a translation model: use it with `seqgen translate` or `seqgen evaluate`",
+                 "captioning": "an image captioning model: use it with `seqgen caption` or `seqgen evaluate`",
+                 "lm": "a language model: use it with `seqgen generate`"}
 
-    task: if given, a checkpoint of another task is refused with a clear error.
+
+def load_model(path: str, *, device: str | torch.device = "cpu", task: Task | None = None) -> Seq2Seq:
+    """Load a trained model, in eval mode on `device`, from a checkpoint file or by the name of a model that
+    ships with seqgen (`seqgen models` lists them; a path that exists wins over a name).
+
+    task: if given, a model of another task is refused with one line saying what the model is for.
     """
+    from seqgen.zoo import resolve
+    name, path = path, resolve(path)
     payload = load_checkpoint(path)
     found = payload.get("task")
     if task is not None and found != task:
-        raise SeqgenError(f"{path}: this is a {found!r} checkpoint, but a {task!r} model is needed here")
+        what = TASK_COMMANDS.get(found, f"a {found!r} model")
+        raise SeqgenError(f"{name} is {what}; this needs a {task} model")
     return Seq2Seq.from_payload(payload, where=path).to(device).eval()
