@@ -12,11 +12,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.base: $(BIN)/python pyproject.toml constraints.txt
-	$(INSTALL) -e ".[subword,plot,lite]"
+	$(INSTALL) -e ".[subword,plot,lite,serve]"
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
-	$(INSTALL) -e ".[dev,subword,plot,lite]"
+	$(INSTALL) -e ".[dev,subword,plot,lite,serve]"
 	touch $@
 
 demo: $(VENV)/.base

@@ -137,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "--train: keep the run here (default: a temp folder)")
     demo.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
 
+    serve = sub.add_parser("serve", help="serve models over HTTP: JSON API with request batching, and a web page",
+                           description="Starts an HTTP server (FastAPI on uvicorn) for the given models: POST "
+                                       "/v1/translate, /v1/caption, /v1/generate; GET /v1/models, /health, / (a web "
+                                       "page) and /docs (the OpenAPI schema). Concurrent requests for one model are "
+                                       "decoded together in one batched search.")
+    serve.add_argument("models", nargs="+", metavar="MODEL",
+                       help="shipped model names, checkpoint paths, or NAME=PATH (the name requests use)")
+    from seqgen.serve.config import ServeConfig
+    add_dataclass_flags(serve, ServeConfig, dest_prefix="serve")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    serve.add_argument("--seed", type=int, default=1, help="torch seed at start-up (default: 1)")
+
     sub.add_parser("models", help="list the models that ship with seqgen: task, size, data, quality, speed",
                    description="Each name works wherever a checkpoint path does (a path that exists wins).")
     return parser
@@ -217,6 +229,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_training_demo(seconds=args.seconds, out=args.out, seed=args.seed)
     else:
         run_demo(out=args.out or "runs/demo", seed=args.seed)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from seqgen.serve.app import create_app
+    except ImportError as e:
+        raise SeqgenError(f"seqgen serve needs FastAPI and uvicorn ({e.name} is missing): "
+                          f"pip install 'seqgen[serve]'") from None
+    import torch
+
+    from seqgen.serve.config import ServeConfig
+    from seqgen.serve.models import load_served
+    from seqgen.train import resolve_device
+    cfg = from_dict(ServeConfig, flags_to_dict(args).get("serve", {}), where="flags")
+    cfg.validate()
+    torch.manual_seed(args.seed)
+    served = load_served(args.models, device=resolve_device(args.device))
+    app = create_app(served, cfg)
+    where = f"http://{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"http://[{cfg.host}]:{cfg.port}"
+    print(f"seqgen: serving {', '.join(f'{n} ({m.task})' for n, m in served.items())} at {where} "
+          f"(web page {where}/, API schema {where}/docs); Ctrl-C stops", file=sys.stderr)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
     return 0
 
 
@@ -417,7 +454,7 @@ def _caption(args: argparse.Namespace) -> int:
 
 COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate, ("demo", None): cmd_demo,
             ("plot", None): cmd_plot, ("bench", None): cmd_bench,
-            ("models", None): cmd_models}
+            ("models", None): cmd_models, ("serve", None): cmd_serve}
 # COMMANDS.update(...) lines for translation / captioning go here
 COMMANDS.update({("train", "captioning"): cmd_train_captioning, ("caption", None): cmd_caption})
 COMMANDS.update({("train", "translation"): cmd_train_translation, ("translate", None): cmd_translate,

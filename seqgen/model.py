@@ -73,6 +73,39 @@ class GenerationConfig:
             raise SeqgenError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
 
 
+def decoding_config(given: dict, *, greedy: bool = False, sample: bool = False,
+                    defaults: dict | None = None) -> GenerationConfig:
+    """The GenerationConfig a command means, from the options a user gave (`given`: only those typed).
+
+    Searching commands (translate, caption: sample=False) run beam 5 unless given --greedy, --beam N or
+    --temperature T; `generate` (sample=True) samples at temperature 0.8 unless given --greedy or --beam N.
+    defaults: the task's own defaults for options not given (captioning: max_len, no_repeat_ngram).
+    One implementation for the CLI and the server, so both mean the same by the same options.
+    """
+    options = {**{k: v for k, v in (defaults or {}).items() if k not in given}, **given}
+    beam_given = "beam" in given and given["beam"] > 1
+    temperature = given.get("temperature")
+    if greedy:
+        if beam_given or (temperature or 0) > 0:
+            raise SeqgenError("--greedy cannot be combined with --beam N or --temperature T")
+        options.update(beam=1, temperature=0.0)
+    elif sample:
+        if beam_given:
+            if (temperature or 0) > 0:
+                raise SeqgenError("--temperature samples; it cannot be combined with --beam or --greedy")
+            options["temperature"] = 0.0
+        elif temperature is None:
+            options["temperature"] = 0.8
+        elif temperature <= 0:
+            raise SeqgenError(f"--temperature must be > 0 when sampling (got {temperature}); "
+                              f"use --greedy for deterministic output")
+    elif not temperature and "beam" not in given:
+        options["beam"] = 5
+    gen = GenerationConfig(**options)
+    gen.validate()
+    return gen
+
+
 def build_encoder(cfg: ModelConfig, src: TextCodec | None) -> nn.Module | None:
     """The encoder module for `cfg.task` (None for a language model)."""
     if cfg.task == "lm":

@@ -7,6 +7,7 @@ out of the folder. `load_image` turns each into an RGB image or an `ImageError` 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -105,11 +106,34 @@ def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Ima
     if st.st_size == 0:
         raise ImageError(path, "empty file")
     try:
+        f = open(path, "rb")
+    except PermissionError:
+        raise ImageError(path, "permission denied") from None
+    except OSError as e:
+        raise ImageError(path, f"cannot open ({e.strerror or e})") from None
+    with f:
+        return _decode(f, path, draft_size, Image.MAX_IMAGE_PIXELS)
+
+
+def decode_image_bytes(data: bytes, name: str, *, max_pixels: int | None = None,
+                       draft_size: int | None = None) -> Image.Image:
+    """`load_image` for bytes received from elsewhere (an upload): the same reasons, under `name`.
+
+    max_pixels: refuse images with more pixels (default: Pillow's MAX_IMAGE_PIXELS) as "decompression bomb".
+    """
+    if not data:
+        raise ImageError(name, "empty file")
+    return _decode(io.BytesIO(data), name, draft_size,
+                   Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
+
+
+def _decode(f, path: str, draft_size: int | None, limit: int | None) -> Image.Image:
+    """Decode the open binary file `f` (named `path` in errors) into an RGB PIL image; see `load_image`."""
+    try:
         with warnings.catch_warnings():
             # Between 1x and 2x MAX_IMAGE_PIXELS Pillow only warns; treat that as a bomb too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with open(path, "rb") as f, Image.open(f) as im:
-                limit = Image.MAX_IMAGE_PIXELS
+            with Image.open(f) as im:
                 if limit is not None and im.width * im.height > limit:
                     raise ImageError(path, "decompression bomb")
                 if draft_size is not None and im.format == "JPEG":

@@ -1,0 +1,119 @@
+"""Request batching: concurrent requests for one model and one set of decoding options become one search.
+
+Requests arrive from the server's event loop (`submit`, awaitable) and wait in one queue. A single worker
+thread owns the models (PyTorch already uses every core inside one search, so a second decoding thread would
+only fight the first): it takes the oldest waiting request, waits at most `max_wait` for more requests with
+the same key (model, task, decoding options), and hands up to `max_batch` of them to `run(key, items)` — one
+batched search. Requests are served oldest first across keys, so one never waits behind more than the
+requests that arrived before it, and each search is bounded (at most `max_batch` items, each within the
+server's size limits). A full queue refuses new requests at once (`QueueFull`: the server answers 503).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Sequence
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server accepts; retry later."""
+
+
+@dataclass
+class _Pending:
+    key: Hashable
+    item: Any
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """run(key, items) -> one result per item (same order); an exception fails every item of that batch."""
+
+    def __init__(self, run: Callable[[Hashable, Sequence[Any]], Sequence[Any]], *, max_batch: int = 32,
+                 max_wait: float = 0.005, max_queue: int = 256):
+        self.run, self.max_batch, self.max_wait, self.max_queue = run, max_batch, max_wait, max_queue
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.searches = 0            # batches run so far (tests and /health read it)
+        self.items = 0               # requests answered so far
+        self._thread = threading.Thread(target=self._work, name="seqgen-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def submit_future(self, key: Hashable, item: Any) -> concurrent.futures.Future:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting (the limit is {self.max_queue})")
+            pending = _Pending(key, item)
+            self._queue.append(pending)
+            self._cond.notify()
+        return pending.future
+
+    async def submit(self, key: Hashable, item: Any) -> Any:
+        """Queue one item and wait for its result; a cancelled caller (client gone) drops it if not started."""
+        future = self.submit_future(key, item)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+    # -- the worker thread ------------------------------------------------------------------------------
+    def _take(self) -> list[_Pending] | None:
+        """The next batch: the oldest request and up to max_batch - 1 later ones with its key."""
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            key = self._queue[0].key
+            deadline = self._queue[0].arrived + self.max_wait
+            while True:
+                same = sum(1 for p in self._queue if p.key == key)
+                left = deadline - time.monotonic()
+                if same >= self.max_batch or left <= 0 or self._closed:
+                    break
+                self._cond.wait(timeout=left)
+            batch, rest = [], collections.deque()
+            for p in self._queue:
+                (batch if p.key == key and len(batch) < self.max_batch else rest).append(p)
+            self._queue = rest
+        # A request whose client went away is not decoded.
+        return [p for p in batch if p.future.set_running_or_notify_cancel()]
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            try:
+                results = self.run(batch[0].key, [p.item for p in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
+            except BaseException as e:  # noqa: BLE001 — every waiting request must hear about it
+                for p in batch:
+                    p.future.set_exception(e)
+            else:
+                for p, r in zip(batch, results):
+                    p.future.set_result(r)
+            self.searches += 1
+            self.items += len(batch)
