@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -162,12 +163,13 @@ class Seq2Seq(nn.Module):
     # -- inference -----------------------------------------------------------------------------------
     def generate(self, source: Tensor | EncoderOutput | None = None, lengths: Tensor | None = None, *,
                  batch_size: int | None = None, gen: GenerationConfig | None = None,
-                 prefix: Tensor | None = None, generator: torch.Generator | None = None
-                 ) -> list[list[Hypothesis]]:
+                 prefix: Tensor | None = None, generator: torch.Generator | None = None,
+                 stream: search.StreamFn | None = None) -> list[list[Hypothesis]]:
         """Decode a batch. Returns, per input, `gen.n_best` hypotheses (one for greedy/sampling), best first.
 
         source: [B, S] ids / [B, 3, H, W] images / EncoderOutput / None (then `batch_size` inputs).
         prefix: [P] or [B, P] forced tokens after bos (a prompt).
+        stream: stream(i, token ids) as input i's output settles (seqgen.decoders.search).
         """
         gen = gen or GenerationConfig()
         gen.validate()
@@ -184,14 +186,14 @@ class Seq2Seq(nn.Module):
             self.eval()
         try:
             with no_grad, autocast(amp, self.device):
-                return self._generate(source, lengths, batch_size, gen, prefix, generator)
+                return self._generate(source, lengths, batch_size, gen, prefix, generator, stream)
         finally:
             if was_training:
                 self.train()
 
     def _generate(self, source: Tensor | EncoderOutput | None, lengths: Tensor | None, batch_size: int | None,
-                  gen: GenerationConfig, prefix: Tensor | None, generator: torch.Generator | None
-                  ) -> list[list[Hypothesis]]:
+                  gen: GenerationConfig, prefix: Tensor | None, generator: torch.Generator | None,
+                  stream: search.StreamFn | None = None) -> list[list[Hypothesis]]:
         """`generate` inside its autocast region (same arguments)."""
         enc = self.decoder.prepare(self.encode(source, lengths), decoding=True)
         n = batch_size if enc is None else _batch_of(enc)
@@ -199,7 +201,7 @@ class Seq2Seq(nn.Module):
             raise ValueError("generate() needs a source or batch_size")
         state = self.decoder.init_state(enc, n)
         common = dict(bos=self.tgt.vocab.bos, eos=self.tgt.vocab.eos, max_len=gen.max_len,
-                      min_len=gen.min_len, prefix=prefix, no_repeat_ngram=gen.no_repeat_ngram)
+                      min_len=gen.min_len, prefix=prefix, no_repeat_ngram=gen.no_repeat_ngram, stream=stream)
         if gen.beam > 1:
             return search.beam_search(self.decoder, state, enc, beam=gen.beam, n_best=gen.n_best,
                                       length_penalty=gen.length_penalty, **common)
@@ -282,12 +284,31 @@ TASK_COMMANDS = {"translation": "a translation model: use it with `seqgen transl
                  "lm": "a language model: use it with `seqgen generate`"}
 
 
-def load_model(path: str, *, device: str | torch.device = "cpu", task: Task | None = None) -> Seq2Seq:
+def model_list(spec: str | Sequence[str]) -> list[str]:
+    """The models `spec` names: a list as is; "a.pt,b.pt" split at commas unless it is an existing path."""
+    if not isinstance(spec, str):
+        return list(spec)
+    if "," in spec and not os.path.exists(spec):
+        parts = [p.strip() for p in spec.split(",")]
+        if not all(parts):
+            raise SeqgenError(f"{spec!r}: an empty model name between commas")
+        return parts
+    return [spec]
+
+
+def load_model(path: str | Sequence[str], *, device: str | torch.device = "cpu",
+               task: Task | None = None) -> Seq2Seq:
     """Load a trained model, in eval mode on `device`, from a checkpoint file or by the name of a model that
     ships with seqgen (`seqgen models` lists them; a path that exists wins over a name).
 
+    Several models ("a.pt,b.pt" or a list) of one task and target vocabulary load as one `Ensemble`.
     task: if given, a model of another task is refused with one line saying what the model is for.
     """
+    paths = model_list(path)
+    if len(paths) > 1:
+        from seqgen.ensemble import Ensemble
+        return Ensemble([load_model(p, device=device, task=task) for p in paths], names=paths)
+    path = paths[0]
     from seqgen.zoo import resolve
     name, path = path, resolve(path)
     payload = load_checkpoint(path)

@@ -13,6 +13,9 @@ Conventions shared by all three:
   generated tokens;
 - if those constraints forbid every token of a row, eos is allowed again so that the row ends instead of
   emitting a token the model gave probability zero;
+- `stream(i, tokens)`, when given, is called whenever the part of input i's output that can no longer change
+  grows: every generated token for greedy and sampling; for beam search the longest prefix shared by every
+  open beam and every finished hypothesis of the input (whatever wins, it starts with that prefix);
 - when the state returned by `step` has an `attn` tensor [N, S], each hypothesis carries the attention of
   each generated step, [n_steps, S], so an attention map needs no second pass through the model.
 """
@@ -171,6 +174,32 @@ def _extend(attn_history: Tensor | None, attn: Tensor | None, rows: Tensor | Non
     return step if attn_history is None else torch.cat([attn_history, step], dim=1)
 
 
+StreamFn = Callable[[int, list[int]], None]
+
+
+class _Streamer:
+    """Calls stream(i, tokens) when input i's settled tokens grow (see the module docstring)."""
+
+    def __init__(self, fn: StreamFn, eos: int):
+        self.fn, self.eos, self.sent = fn, eos, {}
+
+    def settled(self, i: int, tokens: list[int]) -> None:
+        if tokens and tokens[-1] == self.eos:
+            tokens = tokens[:-1]
+        if len(tokens) > self.sent.get(i, 0):
+            self.sent[i] = len(tokens)
+            self.fn(i, tokens)
+
+    def shared(self, i: int, sequences: list[list[int]]) -> None:
+        """The longest common prefix of `sequences` is settled."""
+        if not sequences:
+            return
+        first, n = sequences[0], min(len(s) for s in sequences)
+        for s in sequences[1:]:
+            n = next((j for j in range(n) if s[j] != first[j]), n)
+        self.settled(i, first[:n])
+
+
 def _ban_repeated_ngrams(log_probs: Tensor, history: Tensor, n: int) -> None:
     """In place: -inf for every token that would complete an n-gram already in `history` [R, T]."""
     t = history.size(1)
@@ -212,7 +241,7 @@ def _check_lengths(max_len: int, min_len: int, no_repeat_ngram: int) -> None:
 
 def _decode_one_each(fn: StepFn, state: Any, enc: Any, choose: Callable[[Tensor], Tensor], *, bos: int,
                      eos: int, max_len: int, min_len: int, prefix: Tensor | None,
-                     no_repeat_ngram: int) -> list[Hypothesis]:
+                     no_repeat_ngram: int, stream: StreamFn | None = None) -> list[Hypothesis]:
     """Left-to-right decoding where `choose(log_probs [R, V]) -> tokens [R]` picks each row's next token."""
     _check_lengths(max_len, min_len, no_repeat_ngram)
     n, device = _batch_size(state)
@@ -222,6 +251,7 @@ def _decode_one_each(fn: StepFn, state: Any, enc: Any, choose: Callable[[Tensor]
     context = history.size(1)
     results: list[Hypothesis | None] = [None] * n
     inputs = torch.arange(n, device=device)             # input index of each working row
+    streamer = _Streamer(stream, eos) if stream is not None else None
     total = torch.zeros(n, device=device)
     attn_history: Tensor | None = None                  # [R, t, S]
     for t in range(max_len):
@@ -232,6 +262,9 @@ def _decode_one_each(fn: StepFn, state: Any, enc: Any, choose: Callable[[Tensor]
         total = total + log_probs.float().gather(1, tokens.unsqueeze(1)).squeeze(1)
         history = torch.cat([history, tokens.unsqueeze(1)], dim=1)
         attn_history = _extend(attn_history, attn)
+        if stream is not None:
+            for i, seq in zip(inputs.tolist(), history[:, context:].tolist()):
+                streamer.settled(i, seq)
         ended = tokens == eos
         done = torch.ones_like(ended) if t == max_len - 1 else ended
         if done.any():
@@ -253,21 +286,23 @@ def _decode_one_each(fn: StepFn, state: Any, enc: Any, choose: Callable[[Tensor]
 
 @torch.no_grad()
 def greedy(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int, eos: int, max_len: int = 100,
-           min_len: int = 0, prefix: Tensor | None = None, no_repeat_ngram: int = 0) -> list[Hypothesis]:
+           min_len: int = 0, prefix: Tensor | None = None, no_repeat_ngram: int = 0,
+           stream: StreamFn | None = None) -> list[Hypothesis]:
     """Always take the most likely allowed token.
 
     state: batch-first pytree for N inputs; enc: batch-first pytree or None; prefix: [P] or [N, P].
     Returns one Hypothesis per input (score == log_prob).
     """
     return _decode_one_each(_resolve(step), state, enc, lambda lp: lp.argmax(dim=-1), bos=bos, eos=eos,
-                            max_len=max_len, min_len=min_len, prefix=prefix, no_repeat_ngram=no_repeat_ngram)
+                            max_len=max_len, min_len=min_len, prefix=prefix, no_repeat_ngram=no_repeat_ngram,
+                            stream=stream)
 
 
 @torch.no_grad()
 def sample(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int, eos: int, max_len: int = 100,
            min_len: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            prefix: Tensor | None = None, no_repeat_ngram: int = 0,
-           generator: torch.Generator | None = None) -> list[Hypothesis]:
+           generator: torch.Generator | None = None, stream: StreamFn | None = None) -> list[Hypothesis]:
     """Draw each token from softmax(log_probs / temperature), restricted by top_k then top_p.
 
     state: batch-first pytree for N inputs; enc: batch-first pytree or None; prefix: [P] or [N, P].
@@ -278,14 +313,14 @@ def sample(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int, eos
         raise SeqgenError(f"--temperature must be >= 0 (got {temperature}); 0 means greedy decoding")
     if temperature == 0:
         return greedy(step, state, enc, bos=bos, eos=eos, max_len=max_len, min_len=min_len, prefix=prefix,
-                      no_repeat_ngram=no_repeat_ngram)
+                      no_repeat_ngram=no_repeat_ngram, stream=stream)
 
     def choose(log_probs: Tensor) -> Tensor:
         logits = top_p_filter(top_k_filter(log_probs / temperature, top_k), top_p)
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
     return _decode_one_each(_resolve(step), state, enc, choose, bos=bos, eos=eos, max_len=max_len,
-                            min_len=min_len, prefix=prefix, no_repeat_ngram=no_repeat_ngram)
+                            min_len=min_len, prefix=prefix, no_repeat_ngram=no_repeat_ngram, stream=stream)
 
 
 # -- beam search ---------------------------------------------------------------------------------------
@@ -293,7 +328,8 @@ def sample(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int, eos
 @torch.no_grad()
 def beam_search(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int, eos: int, beam: int = 5,
                 max_len: int = 100, min_len: int = 0, length_penalty: float = 1.0, n_best: int = 1,
-                no_repeat_ngram: int = 0, prefix: Tensor | None = None) -> list[list[Hypothesis]]:
+                no_repeat_ngram: int = 0, prefix: Tensor | None = None,
+                stream: StreamFn | None = None) -> list[list[Hypothesis]]:
     """Beam search over all inputs and beams at once (one working batch of inputs * beam rows).
 
     state: batch-first pytree for B inputs; enc: batch-first pytree or None (repeated once per beam with
@@ -329,6 +365,7 @@ def beam_search(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int
     attn_history: Tensor | None = None
     rank = torch.arange(n_cand, device=device)
     beam_offsets = torch.arange(k, device=device)
+    streamer = _Streamer(stream, eos) if stream is not None else None
 
     for t in range(max_len):
         blocks = len(live)
@@ -392,11 +429,24 @@ def beam_search(step: StepFn | Stepper, state: Any, enc: Any = None, *, bos: int
 
         history = torch.cat([history[parent], new_tok.view(-1, 1)], dim=1)
         attn_history = _extend(attn_history, attn, parent)
+        if stream is not None:
+            _stream_beams(streamer, live, new_val, history[:, context:], finished, k)
         state = select_batch(state, parent)
         alive = new_val
         log_probs, state = fn(new_tok.view(-1), state, enc)
 
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best] for hyps in finished]
+
+
+def _stream_beams(streamer: _Streamer, live: list[int], alive: Tensor, generated: Tensor,
+                  finished: list[list[Hypothesis]], k: int) -> None:
+    """Report, per working input, the prefix shared by its open beams (alive [blocks, k] finite; generated
+    [blocks * k, t] tokens) and its finished hypotheses: whichever wins starts with it."""
+    open_beams = torch.isfinite(alive).tolist()
+    seqs = generated.tolist()
+    for b, i in enumerate(live):
+        candidates = [seqs[b * k + j] for j in range(k) if open_beams[b][j]] + [h.tokens for h in finished[i]]
+        streamer.shared(i, candidates)
 
 
 def _keep_best(hyps: list[Hypothesis], hyp: Hypothesis, k: int) -> None:
@@ -429,5 +479,5 @@ def _finish_open(finished: list[list[Hypothesis]], live: list[int], done: set[in
                 finished[i].append(Hypothesis(seqs[row], lp / norm, lp, att))
 
 
-__all__ = ["Hypothesis", "StepFn", "Stepper", "beam_search", "greedy", "length_penalty_term", "sample",
+__all__ = ["Hypothesis", "StepFn", "Stepper", "StreamFn", "beam_search", "greedy", "length_penalty_term", "sample",
            "top_k_filter", "top_p_filter"]
