@@ -117,31 +117,34 @@ def _ngrams(tokens: list[str], n_max: int) -> Counter:
     return Counter(tuple(tokens[i:i + n]) for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
 
 
-def cider_d_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], sigma: float = 6.0, n: int = 4,
-                   tokenize: bool = True) -> list[float]:
-    """CIDEr-D of each image (Vedantam et al. 2015, as in coco-caption's Cider scorer).
+class CiderD:
+    """CIDEr-D (Vedantam et al. 2015, as in coco-caption's Cider scorer) with its document frequencies fixed.
 
     For n-gram orders 1..n, every sentence becomes a tf-idf vector (idf from the document frequency of
     n-grams over the images' reference sets); the score of order k is the mean over references of the
     cosine similarity with the hypothesis' tf-idf clipped to the reference's (min(h, r) * r / (|h||r|)),
     times a Gaussian penalty exp(-(len_h - len_r)^2 / (2 sigma^2)); the image score is the mean over
     orders, x10. `tokenize=False` takes the strings as already tokenized (split on whitespace).
-    """
-    _check_caption_inputs(hyps, refs)
-    split = caption_tokens if tokenize else str.split
-    hyp_counts = [_ngrams(split(h), n) for h in hyps]
-    ref_counts = [[_ngrams(split(r), n) for r in rs] for rs in refs]
-    df: Counter = Counter()
-    for rs in ref_counts:
-        df.update(set().union(*rs))
-    log_n_images = math.log(float(len(refs)))
 
-    def vectorise(counts: Counter) -> tuple[list[dict], list[float], int]:
-        vec: list[dict] = [{} for _ in range(n)]
-        norm = [0.0] * n
+    corpus: the reference sets the idf comes from. Evaluation uses the scored images' own references (as
+    coco-caption does); self-critical training scores a batch against the idf of the whole training set, built
+    once here, so a reward does not depend on which images share its batch.
+    """
+
+    def __init__(self, corpus: Sequence[Sequence[str]], sigma: float = 6.0, n: int = 4, tokenize: bool = True):
+        self.sigma, self.n = sigma, n
+        self.split = caption_tokens if tokenize else str.split
+        self.df: Counter = Counter()
+        for rs in corpus:
+            self.df.update(set().union(*(_ngrams(self.split(r), n) for r in rs)))
+        self.log_n_images = math.log(float(max(1, len(corpus))))
+
+    def _vectorise(self, counts: Counter) -> tuple[list[dict], list[float], int]:
+        vec: list[dict] = [{} for _ in range(self.n)]
+        norm = [0.0] * self.n
         for gram, tf in counts.items():
             k = len(gram) - 1
-            w = tf * (log_n_images - math.log(max(1.0, df[gram])))
+            w = tf * (self.log_n_images - math.log(max(1.0, self.df[gram])))
             vec[k][gram] = w
             norm[k] += w * w
         # coco-caption measures length by the number of bigrams; the difference of two lengths (all the
@@ -149,20 +152,32 @@ def cider_d_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], sigma: fl
         length = sum(tf for gram, tf in counts.items() if len(gram) == 2)
         return vec, [math.sqrt(x) for x in norm], length
 
-    scores = []
-    for hc, rcs in zip(hyp_counts, ref_counts):
-        vh, nh, lh = vectorise(hc)
+    def references(self, refs: Sequence[str]) -> list[tuple[list[dict], list[float], int]]:
+        """One image's references as vectors (what `scores` takes as `ref_vectors`, to vectorise them once)."""
+        return [self._vectorise(_ngrams(self.split(r), self.n)) for r in refs]
+
+    def score(self, hyp: str, ref_vectors: list[tuple[list[dict], list[float], int]]) -> float:
+        vh, nh, lh = self._vectorise(_ngrams(self.split(hyp), self.n))
         total = 0.0
-        for rc in rcs:
-            vr, nr, lr = vectorise(rc)
-            penalty = math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
-            for k in range(n):
+        for vr, nr, lr in ref_vectors:
+            penalty = math.exp(-((lh - lr) ** 2) / (2 * self.sigma ** 2))
+            for k in range(self.n):
                 val = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
                 if nh[k] != 0 and nr[k] != 0:
                     val /= nh[k] * nr[k]
                 total += val * penalty
-        scores.append(total / n / len(rcs) * 10.0)
-    return scores
+        return total / self.n / len(ref_vectors) * 10.0
+
+    def scores(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> list[float]:
+        _check_caption_inputs(hyps, refs)
+        return [self.score(h, self.references(rs)) for h, rs in zip(hyps, refs)]
+
+
+def cider_d_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], sigma: float = 6.0, n: int = 4,
+                   tokenize: bool = True) -> list[float]:
+    """CIDEr-D of each image, the idf taken over these images' references (see `CiderD`)."""
+    _check_caption_inputs(hyps, refs)
+    return CiderD(refs, sigma=sigma, n=n, tokenize=tokenize).scores(hyps, refs)
 
 
 def cider_d(hyps: Sequence[str], refs: Sequence[Sequence[str]], sigma: float = 6.0) -> float:

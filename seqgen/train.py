@@ -170,7 +170,7 @@ class Trainer:
     def __init__(self, model: Seq2Seq, data: BatchSource, evaluate: Evaluate, cfg: TrainConfig,
                  out_dir: str, *, metric: str = "loss", mode: Literal["min", "max"] = "min",
                  run_config: dict | None = None, log: Callable[[str], None] | None = None,
-                 dist: Distributed | None = None):
+                 dist: Distributed | None = None, objective: nn.Module | None = None):
         if cfg.accumulate < 1:
             raise SeqgenError(f"--accumulate must be >= 1, got {cfg.accumulate}")
         self.cfg, self.data, self.evaluate = cfg, data, evaluate
@@ -204,7 +204,10 @@ class Trainer:
             os.makedirs(out_dir, exist_ok=True)
             for path in (self.last_path, self.best_path):  # what a run killed mid-save left behind
                 remove_partial_writes(path)
-        training_loss = _TrainingLoss(self.model, cfg.label_smoothing)
+        # the loss a step minimises: cross-entropy, or a task's own objective (a module: Batch -> scalar loss,
+        # optionally with stats() -> {name: value} for the training log), e.g. self-critical captioning
+        training_loss = objective if objective is not None else _TrainingLoss(self.model, cfg.label_smoothing)
+        self._objective = training_loss
         self._ddp: nn.parallel.DistributedDataParallel | None = None
         if self.dist.world > 1:
             self._check_same_vocabularies()   # also makes every process finish check_out_dir before 0 writes
@@ -488,10 +491,12 @@ class Trainer:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     rec = {"step": st.step, "epoch": st.epoch, "loss": window_loss / window_steps,
                            "tokens_per_s": window_tokens / elapsed, "lr": self.optimizer.param_groups[0]["lr"]}
+                    extra = self._objective.stats() if hasattr(self._objective, "stats") else {}
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                     self.log(f"step {st.step} | epoch {st.epoch} | loss {rec['loss']:.4f} | "
-                              f"{rec['tokens_per_s']:,.0f} tok/s | lr {rec['lr']:.2e}")
-                    self._write_metrics(rec)
+                              f"{rec['tokens_per_s']:,.0f} tok/s | lr {rec['lr']:.2e}"
+                              + "".join(f" | {k} {v:.4g}" for k, v in extra.items()))
+                    self._write_metrics({**rec, **extra})
                     window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
                 out_of_time = cfg.time_budget > 0 and st.train_seconds >= cfg.time_budget * 60
                 stop = st.step >= cfg.max_steps or out_of_time

@@ -1,0 +1,116 @@
+"""Self-critical sequence training (Rennie et al. 2017): optimise a captioner's CIDEr-D directly.
+
+For each image of a batch the current model samples K captions; each earns its CIDEr-D against the image's
+references (idf over the whole training set, `metrics.CiderD`, the same code validation scores with) minus a
+baseline: the mean reward of the image's other K - 1 samples (Luo 2020's "new SCST"; no extra search), or
+the reward of the greedy caption (Rennie et al.). The loss raises the log-probability of captions that beat
+the baseline and lowers the others:
+
+    loss = - sum_i (r_i - b_i) * sum_t log p(w_i,t | w_i,<t, image) / sum_i len_i
+
+It is a training objective the captioning task hands to the Trainer (`Trainer(objective=...)`): a module
+whose forward takes a `Batch` (cached image features; `index` = image rows) and returns the scalar loss.
+`stats()` returns the mean reward, baseline and sample length since its last call, for the training log.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqgen.data.batch import Batch
+from seqgen.decoders.state import select_batch
+from seqgen.errors import SeqgenError
+from seqgen.metrics import CiderD
+from seqgen.model import GenerationConfig, Seq2Seq
+from seqgen.data.batching import pad_sequences
+
+
+@dataclass
+class SCSTConfig:
+    scst: bool = False               # fine-tune with self-critical training on CIDEr-D (needs --init-from)
+    scst_samples: int = 5            # captions sampled per image
+    scst_baseline: Literal["mean", "greedy"] = "mean"   # baseline: the image's other samples, or its greedy caption
+    scst_max_len: int = 20           # longest sampled caption (tokens)
+    scst_temperature: float = 1.0    # sampling temperature
+
+    def validate(self) -> None:
+        if self.scst_samples < (2 if self.scst_baseline == "mean" else 1):
+            raise SeqgenError(f"--scst-samples must be >= 2 with the mean baseline (>= 1 with greedy), "
+                              f"got {self.scst_samples}")
+        if self.scst_max_len < 1:
+            raise SeqgenError(f"--scst-max-len must be >= 1, got {self.scst_max_len}")
+        if not self.scst_temperature > 0:
+            raise SeqgenError(f"--scst-temperature must be > 0, got {self.scst_temperature}")
+
+
+class SelfCritical(nn.Module):
+    """The SCST loss of `model` (see the module docstring). references[row]: the captions of image `row`."""
+
+    def __init__(self, model: Seq2Seq, references: Sequence[Sequence[str]], cfg: SCSTConfig, amp: str = "auto"):
+        super().__init__()
+        cfg.validate()
+        self.model, self.cfg = model, cfg
+        self.references = [list(r) for r in references]
+        self.cider = CiderD(self.references)
+        self._ref_vectors: dict[int, list] = {}
+        self.sample_gen = GenerationConfig(temperature=cfg.scst_temperature, max_len=cfg.scst_max_len, amp=amp)
+        self.greedy_gen = GenerationConfig(max_len=cfg.scst_max_len, amp=amp)
+        self._sums = {"reward": 0.0, "baseline": 0.0, "sample_len": 0.0}
+        self._count = 0
+
+    def _rewards(self, texts: list[str], rows: list[int]) -> list[float]:
+        out = []
+        for text, row in zip(texts, rows):
+            if row not in self._ref_vectors:
+                self._ref_vectors[row] = self.cider.references(self.references[row])
+            out.append(self.cider.score(text, self._ref_vectors[row]))
+        return out
+
+    def forward(self, batch: Batch) -> Tensor:
+        model, k = self.model, self.cfg.scst_samples
+        if batch.index is None:
+            raise SeqgenError("self-critical training needs batches that name their images (Batch.index)")
+        rows = batch.index.tolist()
+        enc = model.encode(batch.source, batch.source_lengths)
+        expand = torch.arange(len(rows), device=batch.target.device).repeat_interleave(k)
+        enc_k = select_batch(enc, expand)                                   # [B * K, ...] features
+        with torch.no_grad():
+            hyps = model.generate(enc_k, gen=self.sample_gen)
+            tokens = [h[0].tokens for h in hyps]
+            texts = [model.tgt.decode(t).strip() for t in tokens]
+            sample_rows = [r for r in rows for _ in range(k)]
+            rewards = torch.tensor(self._rewards(texts, sample_rows), dtype=torch.float32).view(-1, k)
+            if self.cfg.scst_baseline == "mean":
+                baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
+            else:
+                greedy = [model.tgt.decode(h[0].tokens).strip() for h in model.generate(enc, gen=self.greedy_gen)]
+                baseline = torch.tensor(self._rewards(greedy, rows), dtype=torch.float32).unsqueeze(1).expand(-1, k)
+        model.train()                                    # generate() left eval mode on; the gradient pass drops out
+        vocab = model.tgt.vocab
+        ended = [t + [vocab.eos] if len(t) < self.cfg.scst_max_len else t for t in tokens]
+        target, _ = pad_sequences([[vocab.bos] + t for t in ended], vocab.pad)
+        target = target.to(batch.target.device)
+        logits = model(Batch(target=target, source=enc_k))                  # [B * K, T, V]
+        gold = target[:, 1:]
+        mask = (gold != vocab.pad).float()
+        logp = F.log_softmax(logits.float(), dim=-1).gather(2, gold.unsqueeze(2)).squeeze(2) * mask
+        advantage = (rewards - baseline).view(-1).to(logp.device)
+        loss = -(advantage * logp.sum(dim=1)).sum() / mask.sum().clamp(min=1.0)
+        self._sums["reward"] += float(rewards.mean())
+        self._sums["baseline"] += float(baseline.mean())
+        self._sums["sample_len"] += sum(len(t) for t in tokens) / len(tokens)
+        self._count += 1
+        return loss
+
+    def stats(self) -> dict[str, float]:
+        """Mean reward, baseline and sampled length per step since the last call (then reset)."""
+        if not self._count:
+            return {}
+        out = {k: v / self._count for k, v in self._sums.items()}
+        self._sums = dict.fromkeys(self._sums, 0.0)
+        self._count = 0
+        return out
