@@ -27,12 +27,13 @@ import time
 import torch
 
 from seqgen.allocator import tune_cpu_allocator
-from seqgen.bench import best_seconds, generation_rate, print_rows
+from seqgen.bench import print_rows
 from seqgen.checkpoint import load_checkpoint, save_checkpoint
 from seqgen.cli import main as seqgen_main
 from seqgen.errors import SeqgenError
-from seqgen.model import GenerationConfig, load_model
+from seqgen.model import load_model
 from seqgen.zoo import get, sha256_file
+from seqgen.zoo.card import FIGURES
 from seqgen.zoo.compact import compact_payload
 
 ZOO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "seqgen", "zoo")
@@ -64,72 +65,6 @@ def compact(name: str, best: str, out_file: str) -> None:
         fresh = CNNImageEncoder(enc_cfg)
         external = {f"encoder.{k}": v for k, v in fresh.state_dict().items()}
     save_checkpoint(out_file, compact_payload(payload, get(name).entry.precision, external, source))
-
-
-# -- figures --------------------------------------------------------------------------------------------
-
-def translation_figures(path: str, data_dir: str) -> dict:
-    from seqgen.data.text import read_lines
-    from seqgen.tasks.translation import corpus_scores, translate
-    src = read_lines(os.path.join(data_dir, "multi30k", "test_2016_flickr.de"))
-    ref = read_lines(os.path.join(data_dir, "multi30k", "test_2016_flickr.en"))
-    model = load_model(path, task="translation")
-    gen = GenerationConfig(beam=5)
-    hyps = translate(model, src, gen, batch_size=64)
-    scores = corpus_scores(hyps, ref)
-    seconds = best_seconds(lambda: translate(model, src, gen, batch_size=64), 2, model.device)
-    return {"BLEU test_2016_flickr (beam 5)": round(scores["bleu"], 2),
-            "chrF test_2016_flickr (beam 5)": round(scores["chrf"], 2),
-            "sentences/s (beam 5, batch 64)": round(len(src) / seconds, 1),
-            "_signature": scores["bleu_line"].split(" = ")[0]}
-
-
-def captioning_figures(path: str, data_dir: str) -> dict:
-    from seqgen.data.images import read_split
-    from seqgen.metrics import caption_bleu, cider_d, max_ngram_repeats
-    from seqgen.tasks.captioning import CaptionDataConfig, caption_images, default_caption_gen, load_splits
-    d = os.path.join(data_dir, "flickr8k")
-    splits = load_splits(CaptionDataConfig(images=os.path.join(d, "images"), captions=os.path.join(d, "captions.tsv"),
-                                           train_split=os.path.join(d, "train.txt"),
-                                           valid_split=os.path.join(d, "val.txt")), seed=1)
-    names = read_split(os.path.join(d, "test.txt"))
-    files = [splits.path(n) for n in names]
-    refs = [splits.captions[n] for n in names]
-    model = load_model(path, task="captioning")
-    figures = {}
-    for label, gen in (("", default_caption_gen()),
-                       (" without n-gram blocking", GenerationConfig(beam=5, max_len=default_caption_gen().max_len))):
-        hyps = caption_images(model, files, gen, batch_size=64)
-        bleu = caption_bleu(hyps, refs)
-        for n in range(1, 5):
-            figures[f"BLEU-{n} Flickr8k test{label}"] = round(bleu[f"bleu{n}"], 2)
-        figures[f"CIDEr-D Flickr8k test{label}"] = round(cider_d(hyps, refs), 3)
-        repeats = [max_ngram_repeats(h, 3) for h in hyps]
-        figures[f"captions repeating a word trigram{label}"] = f"{sum(r >= 2 for r in repeats)} / {len(hyps)}"
-        figures[f"captions with a trigram 3 times{label}"] = sum(r >= 3 for r in repeats)
-        if not label:
-            seconds = best_seconds(lambda: caption_images(model, files, gen, batch_size=64), 2, model.device)
-            figures["images/s (JPEG files, beam 5, batch 64)"] = round(len(files) / seconds, 1)
-            figures["_examples"] = [f"{n}: {h}" for n, h in zip(names[:5], hyps[:5])]
-    return figures
-
-
-def lm_figures(path: str, data_dir: str) -> dict:
-    from seqgen.data.text import read_text
-    from seqgen.tasks.lm import generate_text, make_evaluate, split_text
-    model = load_model(path, task="lm")
-    _, valid_text = split_text(read_text(os.path.join(data_dir, "tinyshakespeare", "input.txt")), 0.1)
-    valid_ids = torch.tensor(model.tgt.encode(valid_text), dtype=torch.long)
-    with torch.inference_mode():
-        loss = make_evaluate(valid_ids, 128, 8, model.tgt.vocab.bos, model.tgt.vocab.pad)(model)["loss"]
-    sample = GenerationConfig(temperature=0.8, max_len=2000)
-    rates = [generation_rate(model, sample, prompt="ROMEO:", seconds=3.0) for _ in range(2)]
-    return {"validation nats/char (last 10%)": round(loss, 4),
-            "chars/s (batch 1, sampling T=0.8)": round(max(rates)),
-            "_examples": [generate_text(model, "ROMEO:", GenerationConfig(temperature=0.8, max_len=200))[0]]}
-
-
-FIGURES = {"translation": translation_figures, "captioning": captioning_figures, "lm": lm_figures}
 
 
 def git_commit() -> str:
@@ -174,6 +109,7 @@ def main() -> int:
     p.add_argument("--install", action="store_true", help="copy the compact file into seqgen/zoo/files and "
                                                           "record it in seqgen/zoo/models.json")
     p.add_argument("--seed", type=int, default=1, help="torch seed for the measurements (the recipe has its own)")
+    p.add_argument("--no-timing", action="store_true", help="quality only (speed needs the machine to itself)")
     args = p.parse_args()
     try:
         entry = get(args.name).entry
@@ -191,8 +127,8 @@ def main() -> int:
               f"({os.path.getsize(compact_file) / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         torch.manual_seed(args.seed)
         measure = FIGURES[entry.task]
-        full = measure(best, data_dir)
-        small = measure(compact_file, data_dir)
+        full = measure(best, data_dir, timing=not args.no_timing)
+        small = measure(compact_file, data_dir, timing=not args.no_timing)
     except SeqgenError as e:
         print(f"train_zoo.py: error: {e}", file=sys.stderr)
         return 2
