@@ -27,11 +27,13 @@ import time
 import torch
 
 from seqgen.allocator import tune_cpu_allocator
+from seqgen.atomic import atomic_write
 from seqgen.bench import best_seconds, generation_rate, print_rows
 from seqgen.checkpoint import load_checkpoint, save_checkpoint
 from seqgen.cli import main as seqgen_main
 from seqgen.errors import SeqgenError
-from seqgen.model import GenerationConfig, load_model
+from seqgen.generation import GenerationConfig
+from seqgen.model import load_model
 from seqgen.zoo import get, sha256_file
 from seqgen.zoo.compact import compact_payload
 
@@ -70,7 +72,8 @@ def compact(name: str, best: str, out_file: str) -> None:
 
 def translation_figures(path: str, data_dir: str) -> dict:
     from seqgen.data.text import read_lines
-    from seqgen.tasks.translation import corpus_scores, translate
+    from seqgen.inference.translation import translate
+    from seqgen.metrics import corpus_scores
     src = read_lines(os.path.join(data_dir, "multi30k", "test_2016_flickr.de"))
     ref = read_lines(os.path.join(data_dir, "multi30k", "test_2016_flickr.en"))
     model = load_model(path, task="translation")
@@ -81,13 +84,14 @@ def translation_figures(path: str, data_dir: str) -> dict:
     return {"BLEU test_2016_flickr (beam 5)": round(scores["bleu"], 2),
             "chrF test_2016_flickr (beam 5)": round(scores["chrf"], 2),
             "sentences/s (beam 5, batch 64)": round(len(src) / seconds, 1),
-            "_signature": scores["bleu_line"].split(" = ")[0]}
+            "_signature": scores["bleu_signature"]}
 
 
 def captioning_figures(path: str, data_dir: str) -> dict:
+    from seqgen.data.captions import CaptionDataConfig, load_splits
     from seqgen.data.images import read_split
+    from seqgen.inference.captioning import caption_images, default_caption_gen
     from seqgen.metrics import caption_bleu, cider_d, max_ngram_repeats
-    from seqgen.tasks.captioning import CaptionDataConfig, caption_images, default_caption_gen, load_splits
     d = os.path.join(data_dir, "flickr8k")
     splits = load_splits(CaptionDataConfig(images=os.path.join(d, "images"), captions=os.path.join(d, "captions.tsv"),
                                            train_split=os.path.join(d, "train.txt"),
@@ -116,7 +120,8 @@ def captioning_figures(path: str, data_dir: str) -> dict:
 
 def lm_figures(path: str, data_dir: str) -> dict:
     from seqgen.data.text import read_text
-    from seqgen.tasks.lm import generate_text, make_evaluate, split_text
+    from seqgen.inference.lm import generate_text
+    from seqgen.tasks.lm import make_evaluate, split_text
     model = load_model(path, task="lm")
     _, valid_text = split_text(read_text(os.path.join(data_dir, "tinyshakespeare", "input.txt")), 0.1)
     valid_ids = torch.tensor(model.tgt.encode(valid_text), dtype=torch.long)
@@ -155,10 +160,8 @@ def install(name: str, compact_file: str, figures: dict, command: str, run_dir: 
                    "precision": get(name).entry.precision, "quality": quality, "speed": speed,
                    "command": command, "steps": last.get("step"), "commit": git_commit(),
                    "date": datetime.date.today().isoformat()}
-    with open(facts_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(facts, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(facts_path + ".tmp", facts_path)
+    atomic_write(facts_path, lambda f: f.write(json.dumps(facts, indent=2, ensure_ascii=False) + "\n"),
+                 mode="w", encoding="utf-8")
     print(f"installed {target} ({os.path.getsize(target) / 1e6:.1f} MB) and its entry in {facts_path}",
           file=sys.stderr)
 

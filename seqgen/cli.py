@@ -10,8 +10,10 @@ import sys
 import traceback
 
 from seqgen.allocator import tune_cpu_allocator
+from seqgen.atomic import atomic_write
 from seqgen.config import add_dataclass_flags, add_run_flags, build_run_config, flags_to_dict, from_dict
 from seqgen.errors import LINE_BREAKS, SeqgenError
+from seqgen.log import to_stderr
 
 
 def _common_train_flags(p: argparse.ArgumentParser) -> None:
@@ -21,7 +23,7 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    from seqgen.model import GenerationConfig
+    from seqgen.generation import GenerationConfig
     add_dataclass_flags(p, GenerationConfig, dest_prefix="gen", skip=skip)
     p.add_argument("--seed", type=int, default=1, help="random seed for sampling (default: 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(gen)
 
     # -- translation commands (seqgen.tasks.translation) --
-    from seqgen.tasks.translation import DEFAULT_MAX_SRC_LEN, TranslationRunConfig
+    from seqgen.inference.translation import DEFAULT_MAX_SRC_LEN
+    from seqgen.tasks.translation import TranslationRunConfig
     tr = train.add_parser("translation", help="RNN encoder-decoder with attention on parallel text",
                           description="Encoder flags are --enc-*, decoder and training flags are unprefixed, "
                                       "the decoding used for validation BLEU is --eval-* (greedy by default).")
@@ -160,9 +163,10 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from seqgen.model import GenerationConfig, load_model
-    from seqgen.tasks.lm import generate_text
-    from seqgen.train import resolve_device
+    from seqgen.distributed import resolve_device
+    from seqgen.generation import GenerationConfig
+    from seqgen.inference.lm import generate_text
+    from seqgen.model import load_model
 
     gen = from_dict(GenerationConfig, flags_to_dict(args).get("gen", {}), where="flags")
     typed_temperature = "gen.temperature" in vars(args)
@@ -242,7 +246,7 @@ def _search_gen(args: argparse.Namespace, defaults: dict | None = None):
     defaults: the task's decoding defaults for the generation flags the user did not type (captioning)."""
     import dataclasses
 
-    from seqgen.model import GenerationConfig
+    from seqgen.generation import GenerationConfig
     typed = vars(args)
     given = flags_to_dict(args).get("gen", {})
     untyped = {k: v for k, v in (defaults or {}).items() if f"gen.{k}" not in typed}
@@ -267,37 +271,26 @@ def _read_source(path: str) -> list[str]:
 
 def _write_text(path: str, text: str) -> None:
     """stdout for '-', else an atomic write (a failed run never leaves half a file)."""
-    import os
-    import tempfile
     if path == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(text), mode="w", encoding="utf-8")
     except OSError as e:
         raise SeqgenError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def _load_translation_model(args: argparse.Namespace):
+    from seqgen.distributed import resolve_device
     from seqgen.model import load_model
-    from seqgen.train import resolve_device
     return load_model(args.checkpoint, device=resolve_device(args.device), task="translation")
-
-
-def _warn(message: str) -> None:
-    print(f"seqgen: warning: {message}", file=sys.stderr)
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
     import os
 
-    from seqgen.tasks.translation import translate_nbest
+    from seqgen.inference.translation import translate_nbest
     gen = _search_gen(args)
     if args.out != "-" and args.input != "-" and os.path.abspath(args.out) == os.path.abspath(args.input):
         raise SeqgenError(f"--out {args.out} is the input file; choose another output (nothing was written)")
@@ -315,7 +308,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
             raise SeqgenError(f"--attention-png {args.attention_png}: cannot create the folder "
                               f"({e.strerror or e})") from None
     results = translate_nbest(model, sentences, gen, batch_size=args.batch_size, max_src_len=args.max_src_len,
-                              seed=args.seed, warn=_warn)
+                              seed=args.seed, warn=to_stderr)
     if gen.n_best > 1:
         text = "".join(f"{i}\t{h.score:.4f}\t{h.text}\n" for i, hyps in enumerate(results, 1) for h in hyps)
     else:
@@ -340,7 +333,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from seqgen.data.text import read_lines
-    from seqgen.tasks.translation import corpus_scores, translate
+    from seqgen.inference.translation import translate
+    from seqgen.metrics import corpus_scores
     gen = _search_gen(args)
     src, ref = read_lines(args.src), read_lines(args.ref)
     if len(src) != len(ref):
@@ -348,14 +342,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           f"— the files must be aligned line by line")
     model = _load_translation_model(args)
     hyps = translate(model, src, gen, batch_size=args.batch_size, max_src_len=args.max_src_len, seed=args.seed,
-                     warn=_warn)
+                     warn=to_stderr)
     if args.out:
         _write_text(args.out, "".join(h + "\n" for h in hyps))
     scores = corpus_scores(hyps, ref)
     if args.json:
         print(json.dumps({"bleu": scores["bleu"], "chrf": scores["chrf"], "sentences": len(src),
-                          "bleu_signature": scores["bleu_line"].split(" = ")[0],
-                          "chrf_signature": scores["chrf_line"].split(" = ")[0],
+                          "bleu_signature": scores["bleu_signature"], "chrf_signature": scores["chrf_signature"],
                           "beam": gen.beam, "temperature": gen.temperature}))
     else:
         print(scores["bleu_line"])
@@ -384,9 +377,9 @@ def _caption(args: argparse.Namespace) -> int:
     import torch
 
     from seqgen.distributed import launch_info, setup
+    from seqgen.inference.captioning import default_caption_gen
     from seqgen.model import load_model
-    from seqgen.tasks.captioning import caption_folder, output_format
-    from seqgen.tasks.captioning import default_caption_gen
+    from seqgen.tasks.caption_folder import caption_folder, output_format
     caption_defaults = default_caption_gen()
     # the same --greedy | --beam N | --temperature T rules as translate, and the caption defaults (no loops)
     gen = _search_gen(args, {"max_len": caption_defaults.max_len, "no_repeat_ngram": caption_defaults.no_repeat_ngram})

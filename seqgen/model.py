@@ -23,7 +23,9 @@ from seqgen.encoders.base import EncoderOutput
 from seqgen.encoders.cnn import CNNEncoderConfig
 from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import SeqgenError
-from seqgen.precision import AMP_CHOICES, autocast, autocast_dtype
+from seqgen.generation import GenerationConfig
+from seqgen.inference import captioning, translation
+from seqgen.precision import autocast, autocast_dtype
 from seqgen.tokenizers import TextCodec
 
 Task = Literal["lm", "translation", "captioning"]
@@ -35,42 +37,6 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     text_encoder: RNNEncoderConfig | None = None    # translation
     image_encoder: CNNEncoderConfig | None = None   # captioning
-
-
-@dataclass
-class GenerationConfig:
-    """How to decode: greedy (default), beam search (beam > 1) or sampling (temperature > 0)."""
-
-    beam: int = 1
-    temperature: float = 0.0       # 0 = deterministic (greedy or beam); > 0 = sample
-    top_k: int = 0                 # sampling: keep the k most likely tokens (0 = all)
-    top_p: float = 1.0             # sampling: keep the smallest set with probability >= p
-    max_len: int = 100
-    min_len: int = 0
-    length_penalty: float = 1.0    # beam: GNMT alpha; 0 = raw log-probability
-    n_best: int = 1
-    no_repeat_ngram: int = 0
-    # Autocast while decoding, as in training: auto = bf16 where the hardware has it natively (about 2x faster
-    # beam search on an AVX512-BF16 CPU, same BLEU; docs/performance.md), except for CPU searches of at most
-    # SMALL_BATCH rows (memory-bound: float32 is faster). Under bf16 a result can depend on what it is batched
-    # with (rounding); "off" decodes in float32, batch-independent to 1e-5.
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-
-    def validate(self) -> None:
-        if self.beam < 1:
-            raise SeqgenError(f"--beam must be >= 1, got {self.beam}")
-        if self.temperature < 0:
-            raise SeqgenError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.temperature > 0 and self.beam > 1:
-            raise SeqgenError("choose either --beam N (search) or --temperature T (sampling), not both")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SeqgenError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.max_len < 1:
-            raise SeqgenError(f"--max-len must be >= 1, got {self.max_len}")
-        if self.n_best > self.beam:
-            raise SeqgenError(f"--n-best ({self.n_best}) cannot exceed --beam ({self.beam})")
-        if self.amp not in AMP_CHOICES:
-            raise SeqgenError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
 
 
 def build_encoder(cfg: ModelConfig, src: TextCodec | None) -> nn.Module | None:
@@ -177,16 +143,16 @@ class Seq2Seq(nn.Module):
             hyps = search.greedy(self.decoder, state, enc, **common)
         return [[h] for h in hyps]
 
-    # -- task APIs (thin: the work is in seqgen.tasks.*) ---------------------------------------------
+    # -- task APIs (thin: the work is in seqgen.inference, which never imports this module) -------------
     def translate(self, sentences: list[str], *, beam: int = 5, batch_size: int = 64, **gen_options) -> list[str]:
-        """Translate source sentences; returns detokenized target sentences (see tasks.translation)."""
-        from seqgen.tasks.translation import translate
-        return translate(self, sentences, GenerationConfig(beam=beam, **gen_options), batch_size=batch_size)
+        """Translate source sentences; returns detokenized target sentences (see seqgen.inference.translation)."""
+        return translation.translate(self, sentences, GenerationConfig(beam=beam, **gen_options),
+                                     batch_size=batch_size)
 
     def caption(self, images: list, *, beam: int = 5, batch_size: int = 64, **gen_options) -> list[str]:
-        """Caption image paths or PIL images; returns one caption per image (see tasks.captioning)."""
-        from seqgen.tasks.captioning import caption_images, default_caption_gen
-        return caption_images(self, images, default_caption_gen(beam=beam, **gen_options), batch_size=batch_size)
+        """Caption image paths or PIL images; returns one caption per image (see seqgen.inference.captioning)."""
+        return captioning.caption_images(self, images, captioning.default_caption_gen(beam=beam, **gen_options),
+                                         batch_size=batch_size)
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def to_payload(self) -> dict:

@@ -14,6 +14,10 @@ world W and accumulate A trains exactly like one with world 1 and accumulate W x
 the checkpoint counts batches of the global list, so a checkpoint resumes with any number of processes.
 Dropout masks come from a seed per (seed, step, batch slot in the step), never from saved RNG state, so
 resumed and uninterrupted runs, and runs with the same global batch on any world size, draw the same masks.
+
+The module is a little over 500 lines because the loop's parts (the step, evaluation, checkpoints, resume,
+the data-parallel bookkeeping) all read and write one TrainState and rely on each other's invariants; what
+does not (run folders, resuming a run's config) is in seqgen/runs.py.
 """
 from __future__ import annotations
 
@@ -31,15 +35,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from seqgen.checkpoint import load_checkpoint, remove_partial_writes, save_checkpoint
-from seqgen.config import from_dict, merge, to_dict
+from seqgen.atomic import atomic_write, remove_partial_writes
+from seqgen.checkpoint import load_checkpoint, save_checkpoint
+from seqgen.config import from_dict, to_dict
 from seqgen.data.batch import Batch
 from seqgen.data.batching import shard_positions
-from seqgen.distributed import Distributed, resolve_device, setup  # noqa: F401  (resolve_device: re-exported)
+from seqgen.distributed import Distributed, setup
 from seqgen.ema import WeightEMA
-from seqgen.precision import autocast_dtype, native_bf16  # noqa: F401  (re-exported)
 from seqgen.errors import SeqgenError, is_out_of_memory, report_out_of_memory
+from seqgen.log import Log, quiet, warning
 from seqgen.model import Seq2Seq
+from seqgen.precision import autocast_dtype
 
 
 @dataclass
@@ -148,10 +154,6 @@ class _TrainingLoss(nn.Module):
         return self.model.loss(batch, self.label_smoothing)[0]
 
 
-def _silent(_message: str) -> None:
-    pass
-
-
 def _steps_of(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
     """Consecutive groups of `size` batches (one optimizer step's share of this process)."""
     it = iter(batches)
@@ -169,7 +171,7 @@ class Trainer:
 
     def __init__(self, model: Seq2Seq, data: BatchSource, evaluate: Evaluate, cfg: TrainConfig,
                  out_dir: str, *, metric: str = "loss", mode: Literal["min", "max"] = "min",
-                 run_config: dict | None = None, log: Callable[[str], None] | None = None,
+                 run_config: dict | None = None, log: Log | None = None,
                  dist: Distributed | None = None):
         if cfg.accumulate < 1:
             raise SeqgenError(f"--accumulate must be >= 1, got {cfg.accumulate}")
@@ -195,7 +197,8 @@ class Trainer:
         self.state = TrainState()
         self._wall0 = time.perf_counter()
         self._mark = self._wall0           # end of the last step's bookkeeping: train_seconds counts from it
-        self.log = (log or (lambda msg: tqdm.write(msg))) if self.dist.is_main else _silent
+        # tqdm.write, not stderr, by default: lines between progress-bar updates (see seqgen.log)
+        self.log = (log or (lambda msg: tqdm.write(msg))) if self.dist.is_main else quiet
         self.last_path = os.path.join(out_dir, "last.pt")
         self.best_path = os.path.join(out_dir, "best.pt")
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -301,10 +304,7 @@ class Trainer:
                 rec = json.loads(line)
                 if rec.get("step", 0) < step or (rec.get("step", 0) == step and "skipped" not in rec):
                     kept.append(line)
-        tmp = self.metrics_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.metrics_path)
+        atomic_write(self.metrics_path, lambda f: f.writelines(kept), mode="w", encoding="utf-8")
 
     def _write_metrics(self, record: dict) -> None:
         if not self.dist.is_main:
@@ -387,7 +387,7 @@ class Trainer:
             if isinstance(e, SeqgenError) or is_out_of_memory(e):
                 raise
             first = (str(e).strip().splitlines() or [""])[0][:160]
-            self.log(f"seqgen: warning: --compile failed ({type(e).__name__}: {first}); training without it")
+            self.log(warning(f"--compile failed ({type(e).__name__}: {first}); training without it"))
             self._forward = self._eager
             return self._eager(batch)
 
@@ -508,66 +508,6 @@ class Trainer:
             self._eval_and_share()
             self.save()
         return st
-
-
-def check_out_dir(out_dir: str, resume: bool) -> str | None:
-    """Refuse to overwrite a previous run; with resume, return the checkpoint to continue from.
-
-    With resume, a folder that exists but holds no checkpoint yet is a run killed before its first one
-    (written before the first step): None, the run starts over, so that rerunning with --resume after a
-    kill always works. A folder that does not exist is more likely a typo and stays an error.
-    """
-    last = os.path.join(out_dir, "last.pt")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise SeqgenError(f"--out {out_dir}: exists and is not a folder; choose another --out")
-    if resume:
-        if os.path.exists(last):
-            return last
-        if not os.path.isdir(out_dir):
-            raise SeqgenError(f"--resume: {out_dir} does not exist (nothing to resume); drop --resume to start")
-        if os.path.exists(os.path.join(out_dir, "best.pt")):
-            raise SeqgenError(f"--resume: {out_dir} has a best.pt but no last.pt (it holds the trainer state); "
-                              f"start a new run in another --out (nothing was changed)")
-        return None
-    if os.path.exists(last) or os.path.exists(os.path.join(out_dir, "best.pt")):
-        raise SeqgenError(f"{out_dir} already holds a trained model; pass --resume to continue it "
-                          f"or choose another --out (nothing was overwritten)")
-    return None
-
-
-def check_resume_overrides(saved: dict, overrides: dict, path: str, *, vocab_keys: tuple[str, ...],
-                           model_sections: tuple[str, ...] = ("encoder", "decoder")) -> None:
-    """Refuse settings that cannot change when resuming from `path`.
-
-    saved: the run config stored in the checkpoint; overrides: what the user gave now (YAML + flags).
-    vocab_keys: data keys the vocabulary was built from; model_sections: config sections that shape the weights.
-    """
-    data = overrides.get("data", {})
-    changed = [k for k in vocab_keys if k in data and data[k] != saved.get("data", {}).get(k)]
-    if changed:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise SeqgenError(f"{path}: {flags} cannot change on --resume: the checkpoint's vocabulary was built with "
-                          f"the old value(s); start a new run in another --out (nothing was changed)")
-    for section in model_sections:
-        diff = [k for k, v in overrides.get(section, {}).items() if v != saved.get(section, {}).get(k)]
-        if diff:
-            raise SeqgenError(f"{path}: the {section} ({', '.join(diff)}) cannot change on --resume; "
-                              f"start a new run in another --out (nothing was changed)")
-
-
-def load_resume_run(path: str, task: str, run_cls: type, overrides: dict | None, *, vocab_keys: tuple[str, ...],
-                    model_sections: tuple[str, ...] = ("encoder", "decoder")) -> tuple[object, Seq2Seq]:
-    """For --resume: the run config saved in `path` with the user's `overrides` applied, and the model.
-
-    Refuses a checkpoint of another task and overrides that would change the vocabulary or the weights' shapes.
-    """
-    payload = load_checkpoint(path)
-    if payload.get("task") != task:
-        raise SeqgenError(f"{path}: is a {payload.get('task')!r} checkpoint, cannot resume a {task!r} run from it")
-    saved = json.loads(payload["run_config"])
-    check_resume_overrides(saved, overrides or {}, path, vocab_keys=vocab_keys, model_sections=model_sections)
-    run = from_dict(run_cls, merge(saved, overrides or {}), where=f"{path} run config")
-    return run, Seq2Seq.from_payload(payload, where=path)
 
 
 def seed_everything(seed: int) -> None:

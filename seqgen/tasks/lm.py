@@ -1,7 +1,6 @@
 """Language models (char, word, subword): data, training and generation from a prompt."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -13,10 +12,12 @@ from seqgen.data.text import LMBatches, read_text
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.distributed import entry_point
 from seqgen.errors import SeqgenError
-from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
+from seqgen.log import Log
+from seqgen.metrics import perplexity
+from seqgen.model import ModelConfig, Seq2Seq
+from seqgen.runs import check_out_dir, load_resume_run
 from seqgen.tokenizers import TextCodec
-from seqgen.train import (Trainer, TrainConfig, TrainState, check_out_dir, load_resume_run,
-                          seed_everything)
+from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 
 
 @dataclass
@@ -77,14 +78,14 @@ def make_evaluate(valid_ids: torch.Tensor, seq_len: int, streams: int, bos: int,
                                      ignore_index=pad, reduction="sum").item()
             count += int((gold != pad).sum())
         loss = total / count
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        return {"loss": loss, "ppl": perplexity(loss, finite=True)}
 
     return evaluate
 
 
 @entry_point
 def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides: dict | None = None,
-             log: Callable[[str], None] | None = None) -> TrainState:
+             log: Log | None = None) -> TrainState:
     """Train (or resume) a language model on `run.data.text`; checkpoints go to `out_dir`.
 
     Under torchrun every process calls this (data parallelism, see seqgen/distributed.py)."""
@@ -117,19 +118,3 @@ def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides:
                      f"tokens, vocabulary {len(codec.vocab)} ({run.data.level}); "
                      f"{sum(p.numel() for p in model.parameters()):,} parameters")
     return trainer.train()
-
-
-def generate_text(model: Seq2Seq, prompt: str, gen: GenerationConfig, *, num_samples: int = 1,
-                  seed: int = 1) -> list[str]:
-    """Continue `prompt` `num_samples` times; returns prompt + continuation for each sample
-    (for beam search: the n-best continuations of one search)."""
-    unknown = model.tgt.unknown(prompt)
-    if unknown:
-        shown = ", ".join(repr(u) for u in unknown[:10])
-        raise SeqgenError(f"--prompt contains symbols the model never saw in training: {shown}")
-    ids = model.tgt.encode(prompt)
-    prefix = torch.tensor(ids, dtype=torch.long, device=model.device) if ids else None
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    n = 1 if gen.beam > 1 else num_samples
-    results = model.generate(batch_size=n, gen=gen, prefix=prefix, generator=generator)
-    return [model.tgt.decode(ids + h.tokens) for hyps in results for h in hyps]

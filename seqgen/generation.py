@@ -1,0 +1,73 @@
+"""How to decode (`GenerationConfig`: greedy, beam search or sampling; lengths, n-best, precision) and the one
+step every task takes from a finished hypothesis to what it shows: token strings and attention rows.
+
+Below the model and the tasks: `Seq2Seq.generate` reads a GenerationConfig, and the task inference functions
+(seqgen/inference/) turn its hypotheses into translations, captions and text with `hypothesis_tokens`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+from seqgen.decoders.search import Hypothesis
+from seqgen.errors import SeqgenError
+from seqgen.precision import AMP_CHOICES
+from seqgen.tokenizers import TextCodec
+from seqgen.vocab import EOS
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode: greedy (default), beam search (beam > 1) or sampling (temperature > 0)."""
+
+    beam: int = 1
+    temperature: float = 0.0       # 0 = deterministic (greedy or beam); > 0 = sample
+    top_k: int = 0                 # sampling: keep the k most likely tokens (0 = all)
+    top_p: float = 1.0             # sampling: keep the smallest set with probability >= p
+    max_len: int = 100
+    min_len: int = 0
+    length_penalty: float = 1.0    # beam: GNMT alpha; 0 = raw log-probability
+    n_best: int = 1
+    no_repeat_ngram: int = 0
+    # Autocast while decoding, as in training: auto = bf16 where the hardware has it natively (about 2x faster
+    # beam search on an AVX512-BF16 CPU, same BLEU; docs/performance.md), except for CPU searches of at most
+    # SMALL_BATCH rows (memory-bound: float32 is faster). Under bf16 a result can depend on what it is batched
+    # with (rounding); "off" decodes in float32, batch-independent to 1e-5.
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+
+    def validate(self) -> None:
+        if self.beam < 1:
+            raise SeqgenError(f"--beam must be >= 1, got {self.beam}")
+        if self.temperature < 0:
+            raise SeqgenError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.temperature > 0 and self.beam > 1:
+            raise SeqgenError("choose either --beam N (search) or --temperature T (sampling), not both")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SeqgenError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.max_len < 1:
+            raise SeqgenError(f"--max-len must be >= 1, got {self.max_len}")
+        if self.n_best > self.beam:
+            raise SeqgenError(f"--n-best ({self.n_best}) cannot exceed --beam ({self.beam})")
+        if self.amp not in AMP_CHOICES:
+            raise SeqgenError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+
+
+def hypothesis_tokens(codec: TextCodec, hyp: Hypothesis) -> tuple[list[int], list[str], Tensor | None]:
+    """A hypothesis as a reader sees it: (ids, tokens, attention).
+
+    ids: the generated ids (no bos, no final eos); tokens: their vocabulary strings, with "<eos>" appended when
+    the step that wrote eos attended too; attention: [len(tokens), S] float32 on the CPU, or None.
+    """
+    ids = [int(t) for t in hyp.tokens]
+    tokens = codec.vocab.tokens(ids)
+    attention = hyp.attention
+    if attention is not None:
+        if attention.size(0) > len(ids):             # the step that wrote <eos> has attention too
+            tokens.append(EOS)
+        attention = attention[:len(tokens)].detach().float().cpu()
+    return ids, tokens, attention
+
+
+__all__ = ["GenerationConfig", "hypothesis_tokens"]
