@@ -17,7 +17,8 @@ from seqgen.checkpoint import load_checkpoint
 from seqgen.config import from_dict, to_dict
 from seqgen.data.batch import Batch
 from seqgen.decoders import search
-from seqgen.decoders.rnn import SMALL_BATCH, DecoderConfig, RNNDecoder
+from seqgen.decoders.fast_step import SMALL_BATCH
+from seqgen.decoders.rnn import DecoderConfig, RNNDecoder
 from seqgen.decoders.search import Hypothesis
 from seqgen.encoders.base import EncoderOutput
 from seqgen.encoders.cnn import CNNEncoderConfig

@@ -141,7 +141,7 @@ def test_decoding_precision_follows_amp(trained, amp):
 def test_bf16_decoding_casts_each_weight_once(trained):
     """autocast caches its bf16 copies of the weights for the whole search (outside inference_mode it can):
     without the cache, every step re-casts every weight. (The attention's query projection: the first RNN
-    layer's weights are cast once per weight version by the decoder itself, see RNNDecoder._gate_table.)"""
+    layer's weights are cast once per weight version by the decoder itself, see FastStep.gate_table in seqgen/decoders/fast_step.py.)"""
     from torch.profiler import profile
     _, paths, _, model = trained
     shape = list(model.decoder.attention.query_proj.weight.shape)
