@@ -37,7 +37,9 @@ import torch
 from torch import Tensor
 
 from seqgen.atomic import atomic_write
+from seqgen.data.batch import Batch
 from seqgen.decoders.rnn import DecoderConfig
+from seqgen.distributed import resolve_device
 from seqgen.encoders.cnn import CNNEncoderConfig
 from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import SeqgenError
@@ -45,25 +47,13 @@ from seqgen.flops import cnn_flops, decoder_flops, forward_flops, memory_key_flo
 from seqgen.generation import GenerationConfig
 from seqgen.log import Log, to_stderr
 from seqgen.model import ModelConfig, Seq2Seq
+from seqgen.precision import autocast_dtype, native_bf16
+from seqgen.tasks.captioning import CaptionRunConfig
+from seqgen.tasks.translation import TranslationRunConfig
 from seqgen.tokenizers import CharTokenizer, TextCodec, WordTokenizer
 from seqgen.vocab import SPECIALS, Vocab
 
 # -- configuration ---------------------------------------------------------------------------------
-
-def _translation_encoder() -> RNNEncoderConfig:
-    from seqgen.tasks.translation import TranslationRunConfig
-    return TranslationRunConfig().encoder
-
-
-def _translation_decoder() -> DecoderConfig:
-    from seqgen.tasks.translation import TranslationRunConfig
-    return TranslationRunConfig().decoder
-
-
-def _caption_decoder() -> DecoderConfig:
-    from seqgen.tasks.captioning import CaptionRunConfig
-    return CaptionRunConfig().decoder
-
 
 @dataclass
 class BenchConfig:
@@ -73,13 +63,13 @@ class BenchConfig:
     batch_size: int = 64           # sentences (training, decoding) and images (captioning) per batch
     beam: int = 5
     # translation: the default model on Multi30k-like batches (8k joint BPE; mean lengths in BPE tokens)
-    encoder: RNNEncoderConfig = field(default_factory=_translation_encoder)
-    decoder: DecoderConfig = field(default_factory=_translation_decoder)
+    encoder: RNNEncoderConfig = field(default_factory=lambda: TranslationRunConfig().encoder)
+    decoder: DecoderConfig = field(default_factory=lambda: TranslationRunConfig().decoder)
     vocab: int = 8000
     src_len: int = 14              # mean source tokens, <eos> included
     tgt_len: int = 13              # mean target tokens, <eos> included; decoding generates exactly this many
     # captioning: Flickr8k-like (words seen >= 5 times, ~11 words + <eos> per caption)
-    caption_decoder: DecoderConfig = field(default_factory=_caption_decoder)
+    caption_decoder: DecoderConfig = field(default_factory=lambda: CaptionRunConfig().decoder)
     backbone: str = "auto"         # auto = efficientnet_lite0 when installed (seqgen[lite]), else resnet18
     image_size: int = 224
     caption_vocab: int = 3000
@@ -242,7 +232,6 @@ def _describe_translation(cfg: BenchConfig) -> str:
 
 def translation_rows(cfg: BenchConfig, device: torch.device) -> list[Row]:
     """Training tokens/s and decoding sentences/s (greedy, beam) of the translation model."""
-    from seqgen.data.batch import Batch
     g = torch.Generator().manual_seed(cfg.seed)
     codec = synthetic_codec(cfg.vocab)
     v = codec.vocab
@@ -262,7 +251,6 @@ def translation_rows(cfg: BenchConfig, device: torch.device) -> list[Row]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     # the precision `seqgen train` uses by default (--amp auto: bf16 autocast where the hardware is native)
-    from seqgen.precision import autocast_dtype
     amp = autocast_dtype("auto", device)
 
     def train_step() -> float:
@@ -396,7 +384,6 @@ def machine_name(device: torch.device) -> str:
 
 def run_bench(cfg: BenchConfig, *, log: Log | None = None) -> BenchResult:
     """Measure the matmul peak(s) and every row of the table on `cfg.device`."""
-    from seqgen.distributed import resolve_device
     say = log or to_stderr
     if cfg.seconds <= 0:
         raise SeqgenError(f"--seconds must be > 0, got {cfg.seconds}")
@@ -404,7 +391,6 @@ def run_bench(cfg: BenchConfig, *, log: Log | None = None) -> BenchResult:
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     sizes = cfg.matmul_sizes or ((2048, 4096, 8192) if device.type == "cuda" else (512, 1024, 2048))
-    from seqgen.precision import native_bf16
     dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16(device) else [])
     matmul = {}
     for dtype in dtypes:

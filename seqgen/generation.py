@@ -20,21 +20,31 @@ from seqgen.vocab import EOS
 
 @dataclass
 class GenerationConfig:
-    """How to decode: greedy (default), beam search (beam > 1) or sampling (temperature > 0)."""
+    """How to decode: greedy (default), beam search (beam > 1) or sampling (temperature > 0).
+
+    beam:            hypotheses kept per input by beam search; 1 = greedy search (or sampling, with a temperature)
+    temperature:     sample each token at this temperature; 0 = deterministic (greedy or beam search)
+    top_k:           sampling: draw from the k most likely tokens only; 0 = from all
+    top_p:           sampling: draw from the smallest set of most likely tokens whose probability reaches p
+    max_len:         generate at most this many tokens (<eos> included); a longer output is cut there
+    min_len:         <eos> is not allowed before this many tokens
+    length_penalty:  beam search: GNMT length normalisation alpha; 0 = rank by raw log-probability
+    n_best:          hypotheses returned per input, best first (at most beam)
+    no_repeat_ngram: never generate a word n-gram of this length twice; 0 = no such rule
+    amp:             decode under autocast, as in training: auto = bfloat16 where the hardware has it natively,
+                     except CPU searches of at most 4 rows (bound by memory, where float32 is faster); under
+                     bf16 a result can depend on what it is batched with, off decodes in float32
+    """
 
     beam: int = 1
-    temperature: float = 0.0       # 0 = deterministic (greedy or beam); > 0 = sample
-    top_k: int = 0                 # sampling: keep the k most likely tokens (0 = all)
-    top_p: float = 1.0             # sampling: keep the smallest set with probability >= p
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
     max_len: int = 100
     min_len: int = 0
-    length_penalty: float = 1.0    # beam: GNMT alpha; 0 = raw log-probability
+    length_penalty: float = 1.0
     n_best: int = 1
     no_repeat_ngram: int = 0
-    # Autocast while decoding, as in training: auto = bf16 where the hardware has it natively (about 2x faster
-    # beam search on an AVX512-BF16 CPU, same BLEU; docs/performance.md), except for CPU searches of at most
-    # SMALL_BATCH rows (memory-bound: float32 is faster). Under bf16 a result can depend on what it is batched
-    # with (rounding); "off" decodes in float32, batch-independent to 1e-5.
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
 
     def validate(self) -> None:

@@ -21,8 +21,8 @@ from seqgen.decoders.fast_step import SMALL_BATCH
 from seqgen.decoders.rnn import DecoderConfig, RNNDecoder
 from seqgen.decoders.search import Hypothesis
 from seqgen.encoders.base import EncoderOutput
-from seqgen.encoders.cnn import CNNEncoderConfig
-from seqgen.encoders.rnn import RNNEncoderConfig
+from seqgen.encoders.cnn import CNNEncoderConfig, CNNImageEncoder
+from seqgen.encoders.rnn import RNNEncoderConfig, RNNTextEncoder
 from seqgen.errors import SeqgenError
 from seqgen.generation import GenerationConfig
 from seqgen.inference import captioning, translation
@@ -34,10 +34,18 @@ Task = Literal["lm", "translation", "captioning"]
 
 @dataclass
 class ModelConfig:
+    """What a model is, as every checkpoint stores it.
+
+    task:          lm, translation or captioning
+    decoder:       the shared decoder
+    text_encoder:  translation: the text encoder (None otherwise)
+    image_encoder: captioning: the image encoder (None otherwise)
+    """
+
     task: Task = "lm"
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    text_encoder: RNNEncoderConfig | None = None    # translation
-    image_encoder: CNNEncoderConfig | None = None   # captioning
+    text_encoder: RNNEncoderConfig | None = None
+    image_encoder: CNNEncoderConfig | None = None
 
 
 def build_encoder(cfg: ModelConfig, src: TextCodec | None) -> nn.Module | None:
@@ -45,11 +53,9 @@ def build_encoder(cfg: ModelConfig, src: TextCodec | None) -> nn.Module | None:
     if cfg.task == "lm":
         return None
     if cfg.task == "translation":
-        from seqgen.encoders.rnn import RNNTextEncoder
         if cfg.text_encoder is None or src is None:
             raise SeqgenError("a translation model needs a text encoder config and a source vocabulary")
         return RNNTextEncoder(cfg.text_encoder, len(src.vocab), pad_id=src.vocab.pad)
-    from seqgen.encoders.cnn import CNNImageEncoder
     if cfg.image_encoder is None:
         raise SeqgenError("a captioning model needs an image encoder config")
     return CNNImageEncoder(cfg.image_encoder)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from seqgen.atomic import atomic_write, remove_partial_writes
 from seqgen.checkpoint import load_checkpoint, save_checkpoint
-from seqgen.config import from_dict, to_dict
+from seqgen.config import Device, from_dict, to_dict
 from seqgen.data.batch import Batch
 from seqgen.data.batching import shard_positions
 from seqgen.distributed import Distributed, setup
@@ -50,30 +50,61 @@ from seqgen.precision import autocast_dtype
 
 @dataclass
 class TrainConfig:
+    """How the Trainer trains: optimiser, learning-rate schedule, stopping, checkpoints, precision, device.
+
+    lr:               peak learning rate (AdamW), reached at the end of the warmup
+    weight_decay:     AdamW weight decay (biases, norms and embeddings are not decayed)
+    clip_norm:        clip the gradients' global norm to this; 0 = no clipping
+    schedule:         the learning rate after the warmup: constant; cosine decay over max_steps, max_epochs or
+                      the time budget, whichever ends first; or lowered on plateaus of the validation metric
+    warmup_steps:     steps of linear warmup to lr
+    min_lr_ratio:     cosine: the schedule ends at lr x this
+    plateau_factor:   plateau: lr is multiplied by this after plateau_patience evaluations without improvement
+    plateau_patience: plateau: evaluations without improvement before lr is lowered
+    label_smoothing:  label smoothing of the training loss
+    ema:              decay of a moving average of the weights that validation and best.pt use (e.g. 0.999);
+                      0 = validate the training weights themselves
+    max_steps:        stop after this many optimizer steps
+    max_epochs:       stop after this many passes over the training data
+    time_budget:      stop after this many minutes of training (evaluation excluded); 0 = no limit
+    eval_every:       validate, and keep best.pt, every this many steps
+    log_every:        log the training loss and speed every this many steps
+    checkpoint_every: save last.pt every this many steps (and at every evaluation)
+    patience:         early stopping: evaluations without improvement before training stops; 0 = never
+    max_bad_steps:    consecutive non-finite losses (skipped steps) before training stops
+    accumulate:       batches per process per optimizer step (a step trains on processes x accumulate batches)
+    amp:              autocast: auto = bfloat16 where the hardware has it natively, else float32; fp16 (with
+                      loss scaling) for GPUs without bf16; off = float32
+    compile:          torch.compile the training forward (falls back to eager with a warning)
+    seed:             random seed of initialisation, data order and dropout
+    device:           auto (the first GPU if there is one, else the CPU), cpu, cuda or cuda:N; under torchrun
+                      auto and cuda mean the GPU of each process's LOCAL_RANK
+    progress:         show a progress bar
+    """
+
     lr: float = 2e-3
     weight_decay: float = 0.01
     clip_norm: float = 1.0
     schedule: Literal["constant", "cosine", "plateau"] = "cosine"
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1        # cosine ends at lr * min_lr_ratio
-    plateau_factor: float = 0.5      # plateau: lr *= factor after `plateau_patience` evals without improvement
+    min_lr_ratio: float = 0.1
+    plateau_factor: float = 0.5
     plateau_patience: int = 2
     label_smoothing: float = 0.0
-    ema: float = 0.0                 # decay of a moving average of the weights used to validate and for best.pt
-                                     # (e.g. 0.999); 0 = validate the training weights themselves
+    ema: float = 0.0
     max_steps: int = 5000
     max_epochs: int = 1000
-    time_budget: float = 0.0         # minutes of training (evaluation excluded); 0 = no limit
+    time_budget: float = 0.0
     eval_every: int = 500
     log_every: int = 50
     checkpoint_every: int = 500
-    patience: int = 0                # early stopping: evals without improvement before stopping; 0 = never
-    max_bad_steps: int = 5           # consecutive non-finite losses before training stops
-    accumulate: int = 1              # batches per process per optimizer step (a step: processes x accumulate)
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"   # autocast; auto = bf16 where the hardware has it
-    compile: bool = False            # torch.compile the training forward (falls back to eager with a warning)
+    patience: int = 0
+    max_bad_steps: int = 5
+    accumulate: int = 1
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    compile: bool = False
     seed: int = 1
-    device: str = "auto"             # under torchrun: auto/cuda = the GPU of each process's LOCAL_RANK
+    device: Device = "auto"
     progress: bool = True
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Sequenc
 import torch
 from torch import Tensor
 
+from seqgen.config import File, Folder
 from seqgen.data.batch import Batch
 from seqgen.data.batching import BucketBatchSampler, pad_sequences
 from seqgen.data.images import (ImageError, ImageFolderDataset, collate_images, loader_generator, read_captions,
@@ -33,23 +34,45 @@ if TYPE_CHECKING:
 
 @dataclass
 class CaptionDataConfig:
-    images: str = ""               # folder the image names in the captions/split files are relative to
-    captions: str = ""             # captions.tsv (image<TAB>caption), Karpathy/COCO json or the Flickr8k token file
-    train_split: str = ""          # file of image names; "" = every captioned image outside the validation split
-    valid_split: str = ""          # file of image names; "" = hold out valid_fraction of the images (seeded)
+    """The captioning data: images, captions and splits, the vocabulary, the batches and the feature cache.
+
+    images:           the folder that the image names in the captions and split files are relative to
+    captions:         captions.tsv (image<TAB>caption), a Karpathy or COCO captions JSON, or the Flickr8k token file
+    train_split:      file of the image names to train on; without it, every captioned image outside the
+                      validation split
+    valid_split:      file of the image names to validate on; without it, valid_fraction of the images (seeded)
+    valid_fraction:   without valid_split: the share of the images held out for validation
+    level:            tokens: words or sentencepiece subwords
+    lowercase:        lowercase the captions before tokenization (CIDEr and BLEU ignore case anyway)
+    min_freq:         word level: rarer words become <unk>
+    vocab_size:       subword level: sentencepiece pieces
+    max_len:          training captions with more tokens than this are dropped
+    batch_size:       captions per training batch
+    valid_batch_size: images per batch when decoding the validation split
+    valid_limit:      validate on the first N validation images only; 0 = all
+    feature_cache:    frozen backbone: the folder of the feature caches; without it, OUT/features
+    cache_dtype:      how cached features are stored (float16 halves the disk and page-cache footprint)
+    num_workers:      DataLoader processes decoding images (feature extraction, fine-tuning); without it, 0 on
+                      a CPU with up to 2 cores (the main process decodes), 1 with up to 4, 2 above; on a GPU
+                      half the cores, up to 8
+    """
+
+    images: Folder = ""
+    captions: File = ""
+    train_split: File = ""
+    valid_split: File = ""
     valid_fraction: float = 0.05
     level: Literal["word", "subword"] = "word"
-    lowercase: bool = True         # captions are lowercased before tokenization (CIDEr/BLEU ignore case anyway)
-    min_freq: int = 5              # word level: rarer words become <unk>
-    vocab_size: int = 4000         # subword level: sentencepiece pieces
-    max_len: int = 40              # training captions longer than this (tokens) are dropped
-    batch_size: int = 64           # captions per training batch
-    valid_batch_size: int = 100    # images per batch when decoding the validation split
-    valid_limit: int = 0           # validate on the first N validation images only; 0 = all
-    feature_cache: str = ""        # frozen backbone: folder of the feature caches ("" = OUT/features)
+    lowercase: bool = True
+    min_freq: int = 5
+    vocab_size: int = 4000
+    max_len: int = 40
+    batch_size: int = 64
+    valid_batch_size: int = 100
+    valid_limit: int = 0
+    feature_cache: Folder = ""
     cache_dtype: Literal["float16", "float32"] = "float16"
-    num_workers: int | None = None  # DataLoader workers decoding images (feature extraction, fine-tuning);
-                                    # None = default_num_workers(device)
+    num_workers: int | None = None
 
 
 def normalize_caption(text: str, lowercase: bool) -> str:

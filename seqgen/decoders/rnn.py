@@ -22,24 +22,37 @@ from seqgen.precision import active_autocast_dtype
 
 @dataclass
 class DecoderConfig:
+    """The shared decoder: an RNN over the target tokens, attention over the encoder memory, an output layer.
+
+    cell:           the recurrent cell
+    emb:            target token embedding size
+    hidden:         RNN hidden size
+    layers:         stacked RNN layers
+    attention:      attention over the encoder memory: additive (bahdanau), multiplicative (luong_dot,
+                    luong_general) or none
+    attention_size: bahdanau: the attention's hidden size A; 0 = hidden. Decoding costs grow with memory
+                    positions x A per token: for image grids the largest part of a beam step
+                    (docs/performance.md measures smaller A)
+    input_feeding:  feed the previous attentional vector into the next RNN input (Luong); this forces a loop
+                    over time steps in training, so it is slower per step (docs/performance.md)
+    tie_embeddings: the output layer shares the embedding matrix (the pre-output is projected to emb)
+    dropout:        dropout on the embeddings, the pre-output and between RNN layers, in training
+    memory_dropout: dropout on the encoder memory the attention reads, in training: image features from a
+                    frozen CNN are otherwise memorised within a few epochs; 0 leaves the memory untouched
+    bridge:         initial hidden state = tanh(W x encoder state); false = zeros
+    """
+
     cell: Literal["lstm", "gru"] = "lstm"
     emb: int = 256
     hidden: int = 512
     layers: int = 1
     attention: Literal["none", "bahdanau", "luong_dot", "luong_general"] = "none"
-    # Bahdanau's hidden size A (0 = `hidden`). Decoding cost grows with S * A per token (a [rows, S, A] sigmoid):
-    # for 49-cell image grids it is the largest part of a beam step. Flickr8k with A = 128: beam search 1.3x
-    # faster, test BLEU-4 0.6 lower than with 512 (docs/performance.md).
     attention_size: int = 0
-    # True = the previous attentional vector is fed into the next RNN input (Luong); this forces a Python
-    # loop over time steps in training, so it is off by default (see docs/performance.md).
     input_feeding: bool = False
-    tie_embeddings: bool = True   # output layer shares the embedding matrix (the pre-output is projected to `emb`)
+    tie_embeddings: bool = True
     dropout: float = 0.3
-    # Dropout on the encoder memory the attention reads (training only): image features from a frozen CNN
-    # are otherwise memorised within a few epochs (captioning); 0 leaves the memory untouched.
     memory_dropout: float = 0.0
-    bridge: bool = True           # initial hidden state = tanh(W * encoder state); False = zeros
+    bridge: bool = True
 
 
 class RNNDecoder(nn.Module):

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from seqgen.config import File, Name
 from seqgen.encoders.base import EncoderOutput
 from seqgen.errors import SeqgenError
 
@@ -42,11 +43,24 @@ LITE_INSTALL_HINT = "pip install 'seqgen[lite]'"
 
 @dataclass
 class CNNEncoderConfig:
+    """The image encoder: a CNN backbone; its last feature grid is the memory, the grid's mean the state.
+
+    backbone:      the CNN (tiny: a small network trained from scratch, for tests)
+    weights:       pretrained weights: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...) or imagenet for
+                   efficientnet_lite0; auto (captioning) = ImageNet weights where seqgen can load them;
+                   none = random initialisation
+    weights_file:  load the backbone from this local state_dict file (torchvision's or the lite0 package's key
+                   names) instead of weights
+    freeze:        keep the backbone's weights fixed (training then reads its features from a cache)
+    finetune_from: with freeze false: the first block to train (e.g. layer4); without it, the whole backbone
+    image_size:    images are cropped to their central square and resized to this many pixels a side
+    """
+
     backbone: Backbone = "resnet18"
-    weights: str | None = None       # None = random init; "DEFAULT"/"IMAGENET1K_V1"... (torchvision); "imagenet" (lite0)
-    weights_file: str | None = None  # local state_dict file (torchvision's or the lite0 package's key names)
+    weights: Name | None = None
+    weights_file: File | None = None
     freeze: bool = True
-    finetune_from: str | None = None  # with freeze=False: first block to train (e.g. "layer4"); None = all
+    finetune_from: Name | None = None
     image_size: int = 224
 
 

@@ -36,6 +36,7 @@ from seqgen.errors import SeqgenError, report_out_of_memory
 from seqgen.generation import GenerationConfig
 from seqgen.inference.captioning import Caption, caption_tensor, default_caption_gen, require_captioning
 from seqgen.log import Log, to_stderr
+from seqgen.plots import image_attention_map, require_matplotlib
 
 if TYPE_CHECKING:
     from seqgen.model import Seq2Seq
@@ -262,7 +263,6 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
         if not os.path.exists(root):
             raise SeqgenError(f"{root}: no such file or folder")
     if attention_png_dir:
-        from seqgen.plots import require_matplotlib
         require_matplotlib()
         if model.decoder.attention is None:
             raise SeqgenError("this model has no attention (--attention none); there are no attention maps to draw")
@@ -405,7 +405,6 @@ def _append(f, text: str, out_path: str) -> None:
 def _draw_attention(images: Tensor, items: Sequence[tuple[str, str]], captions: Sequence[Caption],
                     folder: str) -> int:
     """One PNG per (root, path) in `items` whose caption has attention; returns how many were drawn."""
-    from seqgen.plots import image_attention_map
     drawn = 0
     for image, (root, path), c in zip(images, items, captions):
         if c.attention is None or not c.words:

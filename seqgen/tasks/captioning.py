@@ -47,22 +47,24 @@ from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 
 @dataclass
 class CaptionRunConfig:
+    """A captioning run: `seqgen train captioning`'s flags and YAML keys, section by section.
+
+    The defaults, and why (docs/performance.md, "Captioning", has the Flickr8k figures): a frozen
+    efficientnet_lite0 with weights "auto" (ImageNet weights where seqgen can load them: imagenet for
+    efficientnet_lite0, DEFAULT for torchvision backbones, none for tiny); Bahdanau attention with input
+    feeding and an untied output layer, validating a moving average of the weights, which scores well above
+    Luong general without input feeding; and a short cosine schedule, because frozen-CNN features are
+    memorised within a few epochs and a cosine that has decayed by then beats early stopping on a long one.
+    """
+
     data: CaptionDataConfig = field(default_factory=CaptionDataConfig)
-    # weights "auto": ImageNet weights where seqgen can load them (imagenet for efficientnet_lite0, DEFAULT for
-    # torchvision backbones, none for tiny); "none" = random init.
     encoder: CNNEncoderConfig = field(default_factory=lambda: CNNEncoderConfig(
         backbone="efficientnet_lite0", weights="auto", freeze=True, image_size=224))
-    # Bahdanau attention with input feeding, untied output, validating a weight average: on Flickr8k
-    # (scripts/bench_captioning.py, frozen lite0) test BLEU-4 20.88 / CIDEr-D 0.507 against 18.09 / 0.433 for
-    # Luong general without input feeding, tied; 21.69 / 0.524 with the 4-epoch schedule below
-    # (docs/performance.md). It overfits after ~1,500 steps of 64.
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(
         cell="lstm", emb=256, hidden=512, layers=1, attention="bahdanau", input_feeding=True,
         tie_embeddings=False, dropout=0.5))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=1e-3, warmup_steps=200, schedule="cosine", label_smoothing=0.1, ema=0.999, max_steps=20000,
-        # A short schedule: frozen-CNN features are memorised within a few epochs, and a cosine that has
-        # decayed by then beats early stopping on a long one (Flickr8k test BLEU-4 21.4-21.8 against 20.9).
         max_epochs=4, eval_every=500, checkpoint_every=500, patience=5))
     eval: GenerationConfig = field(default_factory=lambda: GenerationConfig(beam=1, max_len=30))
 

@@ -10,10 +10,17 @@ import os
 import random
 import tempfile
 
+import torch
+
+from seqgen.data.images import load_image
 from seqgen.decoders.rnn import DecoderConfig
+from seqgen.encoders.cnn import build_transform
 from seqgen.generation import GenerationConfig
+from seqgen.inference.captioning import caption_images_full, default_caption_gen
 from seqgen.inference.lm import generate_text
+from seqgen.inference.translation import translate
 from seqgen.model import load_model
+from seqgen.plots import image_attention_map
 from seqgen.tasks.lm import LMDataConfig, LMRunConfig, train_lm
 from seqgen.train import TrainConfig
 
@@ -88,14 +95,6 @@ def demo_photos() -> list[str]:
 
 def run_demo(out: str = "runs/demo", seed: int = 1, say=print) -> dict:
     """Caption, translate and generate with the shipped models; returns what was printed, by job."""
-    import torch
-
-    from seqgen.data.images import load_image
-    from seqgen.encoders.cnn import build_transform
-    from seqgen.inference.captioning import caption_images_full, default_caption_gen
-    from seqgen.inference.translation import translate
-    from seqgen.plots import image_attention_map
-
     torch.manual_seed(seed)
     os.makedirs(out, exist_ok=True)
     results: dict = {}

@@ -1,4 +1,5 @@
-"""Language models (char, word, subword): data, training and generation from a prompt."""
+"""Language models (char, word, subword), the task's wiring: the run config, the text split, training and
+validation (generating from a prompt is seqgen.inference.lm)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,7 +8,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
-from seqgen.config import to_dict
+from seqgen.config import File, to_dict
 from seqgen.data.text import LMBatches, read_text
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.distributed import entry_point
@@ -22,18 +23,32 @@ from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 
 @dataclass
 class LMDataConfig:
-    text: str = ""                 # path of the UTF-8 training text
+    """The language model's data: one text file, its vocabulary and the training windows.
+
+    text:           the UTF-8 training text
+    level:          tokens: characters, words or sentencepiece subwords
+    valid_fraction: the last part of the text held out for validation
+    seq_len:        tokens per training window (the truncated backpropagation length)
+    batch_size:     windows per batch
+    min_freq:       char/word: rarer tokens become <unk>
+    max_vocab:      char/word: vocabulary cap including specials; 0 = none
+    vocab_size:     subword: sentencepiece vocabulary size
+    """
+
+    text: File = ""
     level: Literal["char", "word", "subword"] = "char"
-    valid_fraction: float = 0.1    # the last part of the text is held out for validation
-    seq_len: int = 256             # tokens per training window (truncated backprop length)
+    valid_fraction: float = 0.1
+    seq_len: int = 256
     batch_size: int = 64
-    min_freq: int = 1              # char/word vocabulary: drop rarer tokens (they become <unk>)
-    max_vocab: int = 0             # char/word vocabulary cap including specials; 0 = none
-    vocab_size: int = 8000         # subword: sentencepiece vocabulary size
+    min_freq: int = 1
+    max_vocab: int = 0
+    vocab_size: int = 8000
 
 
 @dataclass
 class LMRunConfig:
+    """A language-model run: `seqgen train lm`'s flags and YAML keys, section by section."""
+
     data: LMDataConfig = field(default_factory=LMDataConfig)
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(
         cell="lstm", emb=512, hidden=512, layers=2, dropout=0.2))

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from seqgen.config import to_dict
+from seqgen.config import File, to_dict
 from seqgen.data.parallel import ParallelBatches, ParallelCorpus, filter_by_length, read_parallel, read_tsv
 from seqgen.data.text import read_bytes
 from seqgen.decoders.rnn import DecoderConfig
@@ -37,34 +37,60 @@ from seqgen.vocab import SPECIALS, Vocab
 
 @dataclass
 class TranslationDataConfig:
-    src_train: str = ""            # aligned plain-text files, one sentence per line ...
-    tgt_train: str = ""
-    train_tsv: str = ""            # ... or one `source<TAB>target` file
-    src_valid: str = ""            # held-out pairs for validation BLEU (or valid_tsv)
-    tgt_valid: str = ""
-    valid_tsv: str = ""
+    """The translation data: parallel text for training and validation, the vocabularies, the batches.
+
+    src_train:        training source sentences, one per line, aligned line by line with tgt_train
+    tgt_train:        training target sentences, one per line
+    train_tsv:        instead of src_train and tgt_train: one file of source<TAB>target lines
+    src_valid:        held-out source sentences for validation BLEU, aligned with tgt_valid
+    tgt_valid:        held-out target sentences
+    valid_tsv:        instead of src_valid and tgt_valid: one file of source<TAB>target lines
+    level:            tokens: characters, words or sentencepiece subwords
+    joint_vocab:      one vocabulary (one sentencepiece model) for source and target
+    vocab_size:       subword: sentencepiece pieces per model
+    model_type:       subword: the sentencepiece algorithm
+    src_spm:          subword: an existing sentencepiece .model file for the source (then none is trained)
+    tgt_spm:          subword: the same for the target (with joint_vocab, one of the two serves both sides)
+    min_freq:         char/word: rarer tokens become <unk>
+    max_vocab:        char/word: vocabulary cap including specials; 0 = none
+    max_len:          training pairs with more tokens than this on either side are dropped
+    max_tokens:       token budget per batch (padded source or target); 0 = batch_size sentences per batch
+    batch_size:       sentences per batch when max_tokens is 0
+    valid_batch_size: sentences per batch when decoding the validation set
+    """
+
+    src_train: File = ""
+    tgt_train: File = ""
+    train_tsv: File = ""
+    src_valid: File = ""
+    tgt_valid: File = ""
+    valid_tsv: File = ""
     level: Literal["char", "word", "subword"] = "subword"
-    joint_vocab: bool = True       # one vocabulary (one sentencepiece model) for source and target
-    vocab_size: int = 8000         # subword: sentencepiece pieces per model
+    joint_vocab: bool = True
+    vocab_size: int = 8000
     model_type: Literal["bpe", "unigram"] = "bpe"
-    src_spm: str = ""              # subword: an existing sentencepiece .model file (then nothing is trained)
-    tgt_spm: str = ""              # (with joint_vocab, one of src_spm/tgt_spm serves both sides)
-    min_freq: int = 1              # char/word: rarer tokens become <unk>
-    max_vocab: int = 0             # char/word: vocabulary cap including specials; 0 = none
-    max_len: int = 100             # training pairs with more tokens on either side are dropped
-    max_tokens: int = 0            # token budget per batch (padded source or target); 0 = use batch_size
-    batch_size: int = 64           # sentences per batch when max_tokens is 0
-    valid_batch_size: int = 64     # sentences per batch when decoding the validation set
+    src_spm: File = ""
+    tgt_spm: File = ""
+    min_freq: int = 1
+    max_vocab: int = 0
+    max_len: int = 100
+    max_tokens: int = 0
+    batch_size: int = 64
+    valid_batch_size: int = 64
 
 
 @dataclass
 class TranslationRunConfig:
+    """A translation run: `seqgen train translation`'s flags and YAML keys, section by section.
+
+    The decoder defaults to Bahdanau attention with input feeding: slower per token than the Luong model
+    without it (whose decoder RNN runs the whole target in one call), but it learns so much more per step
+    that it is ahead after the same training time (docs/performance.md, "Translation").
+    """
+
     data: TranslationDataConfig = field(default_factory=TranslationDataConfig)
     encoder: RNNEncoderConfig = field(default_factory=lambda: RNNEncoderConfig(
         cell="gru", emb=256, hidden=512, layers=1, bidirectional=True, dropout=0.2))
-    # Bahdanau attention with input feeding: 2x slower per token than the no-input-feeding Luong model
-    # (whose decoder RNN runs the whole target in one call) but it learns far more per step: on Multi30k
-    # after 20 minutes it scored 40.6 BLEU against 35.2 (docs/performance.md), so it is the default.
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(
         cell="gru", emb=256, hidden=512, layers=1, attention="bahdanau", input_feeding=True,
         tie_embeddings=False, dropout=0.2))
