@@ -218,8 +218,8 @@ def main() -> int:
         out_jsonl = os.path.join(args.out, "throughput_captions.jsonl")
         warm = build_transform(model.config.image_encoder)
         caption_tensor(model, torch.stack([warm(load_image(f)) for f in files[:8]]), test_gen)   # warm-up
-        # best of --repeats, like the bound and the beam below: on a shared machine single timings swing by
-        # +-15%, and a ratio of a best to a single run would measure the noise
+        # best of --repeats, like the bound and the beam below: on a shared machine single timings swing
+        # widely (docs/performance.md), and a ratio of a best to a single run would measure the noise
         rates = []
         for _ in range(args.repeats):
             summary = caption_folder(model, files, out_jsonl, test_gen, batch_size=args.throughput_batch,

@@ -1,6 +1,6 @@
 """`seqgen bench`: this machine's throughput on each task, and how much of its matmul rate the models use.
 
-    seqgen bench                                   # about a minute on 2 CPU cores
+    seqgen bench                                   # --seconds 5 per measurement
     seqgen bench --device cuda --seconds 10 --json bench.json
 
 Every measurement runs on synthetic inputs sized like the real tasks, so it needs no dataset and no network:
@@ -153,7 +153,7 @@ def timed_rate(work: Callable[[], float], seconds: float, device: torch.device) 
 
 def best_seconds(work: Callable[[], object], repeats: int, device: torch.device) -> float:
     """The shortest of `repeats` timed calls of `work` (synchronised on a GPU): on a shared machine single
-    timings swing by +-15%, and the best is the least disturbed."""
+    timings swing widely (docs/performance.md), and the best is the least disturbed."""
     best = float("inf")
     for _ in range(repeats):
         _sync(device)

@@ -113,12 +113,12 @@ class Seq2Seq(nn.Module):
         gen.validate()
         amp = gen.amp
         if amp == "auto" and self.device.type == "cpu" and _num_inputs(source, batch_size) * gen.beam <= SMALL_BATCH:
-            amp = "off"   # memory-bound steps: bf16 saves no time and autocast adds a cast per op (~10% slower)
+            amp = "off"   # memory-bound steps: bf16 saves no time and autocast adds a cast per op
         # inference_mode is cheaper per op than no_grad (decoding is many small ops), but autocast caches its
         # low-precision copies of the weights only outside it: under inference_mode every step re-cast every weight.
         no_grad = torch.no_grad() if autocast_dtype(amp, self.device) is not None else torch.inference_mode()
-        # Only a model in training mode is switched: train()/eval() walk every module (for a CNN encoder ~5 ms,
-        # which per batch of a folder run is more than the writing costs).
+        # Only a model in training mode is switched: train()/eval() walk every module, which for a CNN encoder
+        # costs more per batch of a folder run than the writing does.
         was_training = self.training
         if was_training:
             self.eval()

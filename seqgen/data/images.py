@@ -218,11 +218,11 @@ def _sorted_names(directory: str, skip: Callable[[str, str], None]) -> list[str]
 def default_num_workers(device: torch.device | str = "cpu") -> int:
     """DataLoader workers for decoding images when the user did not choose (`--num-workers`).
 
-    Decoding a 224px JPEG into uint8 costs ~0.4 ms (large JPEGs are decoded at a reduced scale, see
-    `load_image`), the CNN ~10 ms per image on 2 CPU cores under bf16: on 2 cores a worker process only
-    takes CPU from the CNN and the beam search (Flickr8k, 1,000 JPEGs: 0 workers 67.0 images/s, 1 worker
-    60.1; in float32, 1 worker 81% of the CNN-alone rate, 2 workers 70%), so up to 2 cores decode in the
-    main process, up to 4 in one worker. A GPU eats images ~50x faster: then half the cores, up to 8.
+    Decoding a 224px JPEG into uint8 costs a small fraction of the CNN's time per image (large JPEGs are
+    decoded at a reduced scale, see `load_image`): on 2 cores a worker process only takes CPU from the CNN and
+    the beam search (docs/performance.md, "Folder captioning"), so up to 2 cores decode in the main process,
+    up to 4 in one worker. A GPU takes images far faster than the CPU can decode them: then half the cores,
+    up to 8.
     """
     cores = os.cpu_count() or 1
     if torch.device(device).type == "cuda":

@@ -162,8 +162,8 @@ def _build(cfg: CNNEncoderConfig) -> tuple[nn.Module, Callable[[nn.Module, Tenso
         return net, lambda m, x: m(x), net.out_channels, stages, (0.5,) * 3, (0.5,) * 3
     if name == "efficientnet_lite0":
         EfficientNet = _lite_modules()
-        # TF-"SAME" padding precomputed for cfg.image_size (~10% faster on CPU than computing it per call);
-        # features() therefore insists on that input size.
+        # TF-"SAME" padding precomputed for cfg.image_size (cheaper on CPU than computing it per call, see
+        # docs/performance.md); features() therefore insists on that input size.
         net = EfficientNet.from_name("efficientnet-lite0", image_size=cfg.image_size)
         net._fc = nn.Identity()
         stages = ([("stem", ("_conv_stem", "_bn0"))]
@@ -248,8 +248,8 @@ class CNNImageEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
         self._load_weights(cfg)
-        # channels_last runs the convolutions ~1.5-2x faster on CPU (oneDNN) and suits AMP on GPU; the
-        # flattened memory then comes out contiguous for free.
+        # channels_last runs the convolutions faster on CPU (oneDNN; docs/performance.md, "Measurements
+        # behind the code") and suits AMP on GPU; the flattened memory then comes out contiguous for free.
         self.backbone.to(memory_format=torch.channels_last)
         self._frozen = self._frozen_stage_names(cfg)
         for name, paths in self._stages:
@@ -348,8 +348,9 @@ class ImageTransform:
     means a hostile 100000 x 1 panorama never gets blown up to 22400000 x 224 pixels in memory.
 
     uint8, not floats: DataLoader workers hand a quarter of the bytes to the main process, and the float
-    conversion (~5 ms per 224px image in torchvision's to_tensor) disappears from the workers, which share
-    the CPU with the CNN; the encoder scales and normalises the whole batch in one vectorised op.
+    conversion (torchvision's to_tensor: milliseconds per image, docs/performance.md) disappears from the
+    workers, which share the CPU with the CNN; the encoder scales and normalises the whole batch in one
+    vectorised op.
     A class rather than a lambda so that DataLoader workers can pickle it and the feature cache can
     fingerprint it (its repr).
     """
