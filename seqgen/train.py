@@ -15,9 +15,10 @@ the checkpoint counts batches of the global list, so a checkpoint resumes with a
 Dropout masks come from a seed per (seed, step, batch slot in the step), never from saved RNG state, so
 resumed and uninterrupted runs, and runs with the same global batch on any world size, draw the same masks.
 
-The module is a little over 500 lines because the loop's parts (the step, evaluation, checkpoints, resume,
-the data-parallel bookkeeping) all read and write one TrainState and rely on each other's invariants; what
-does not (run folders, resuming a run's config) is in seqgen/runs.py.
+The module is over 500 lines because the loop's parts (the step, evaluation, checkpoints, resume, the
+data-parallel bookkeeping) all read and write one TrainState and rely on each other's invariants, and its
+TrainConfig documents each of its 24 fields (the text of their --help); what does not need the loop's state
+(run folders, resuming a run's config) is in seqgen/runs.py.
 """
 from __future__ import annotations
 

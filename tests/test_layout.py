@@ -100,6 +100,33 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# docs/design.md, "Import layers": a module may import from its own line or the lines above it.
+LAYERS = [
+    "errors atomic log tensors allocator precision distributed vocab tokenizers checkpoint ema metrics",
+    "encoders data decoders config flops plots zoo",
+    "generation",
+    "inference",
+    "model",
+    "train runs",
+    "tasks bench",
+    "cli",
+]
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    name = parts[1] if len(parts) > 1 else "seqgen"
+    if name == "seqgen":                      # the package itself: its lazy exports reach model.py
+        return LAYERS.index("model")
+    return next(i for i, line in enumerate(LAYERS) if name in line.split())
+
+
+def test_imports_follow_the_documented_layers():
+    upward = [(a, b) for a, targets in import_graph().items() for b in targets if _layer(b) > _layer(a)]
+    assert not upward, "imports from a lower layer of docs/design.md into a higher one: " + ", ".join(
+        f"{a} -> {b}" for a, b in sorted(upward))
+
+
 def test_model_does_not_depend_on_training():
     """Seq2Seq.translate / .caption call seqgen.inference, which never reaches the trainer or the tasks."""
     graph = import_graph()
