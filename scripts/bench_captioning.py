@@ -106,17 +106,21 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from seqgen.data.captions import CaptionDataConfig, load_splits
     from seqgen.data.features import FeatureCache
     from seqgen.data.images import read_split
     from seqgen.decoders.rnn import DecoderConfig
+    from seqgen.distributed import resolve_device
     from seqgen.encoders.cnn import CNNEncoderConfig, CNNImageEncoder, build_transform
     from seqgen.errors import SeqgenError
+    from seqgen.generation import GenerationConfig
+    from seqgen.inference.captioning import caption_tensor
     from seqgen.metrics import caption_bleu, cider_d
-    from seqgen.model import GenerationConfig, load_model
-    from seqgen.tasks.captioning import (CaptionDataConfig, CaptionRunConfig, caption_folder, caption_tensor,
-                                         load_splits, resolve_weights, train_captioning)
+    from seqgen.model import load_model
     from seqgen.precision import autocast, autocast_dtype
-    from seqgen.train import TrainConfig, resolve_device
+    from seqgen.tasks.caption_folder import caption_folder
+    from seqgen.tasks.captioning import CaptionRunConfig, resolve_weights, train_captioning
+    from seqgen.train import TrainConfig
 
     try:
         device = resolve_device(args.device)
@@ -214,8 +218,8 @@ def main() -> int:
         out_jsonl = os.path.join(args.out, "throughput_captions.jsonl")
         warm = build_transform(model.config.image_encoder)
         caption_tensor(model, torch.stack([warm(load_image(f)) for f in files[:8]]), test_gen)   # warm-up
-        # best of --repeats, like the bound and the beam below: on a shared machine single timings swing by
-        # +-15%, and a ratio of a best to a single run would measure the noise
+        # best of --repeats, like the bound and the beam below: on a shared machine single timings swing
+        # widely (docs/performance.md), and a ratio of a best to a single run would measure the noise
         rates = []
         for _ in range(args.repeats):
             summary = caption_folder(model, files, out_jsonl, test_gen, batch_size=args.throughput_batch,

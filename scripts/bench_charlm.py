@@ -22,8 +22,10 @@ import torch
 from seqgen.allocator import tune_cpu_allocator
 from seqgen.bench import generation_rate
 from seqgen.decoders.rnn import DecoderConfig
-from seqgen.model import GenerationConfig, load_model
-from seqgen.tasks.lm import LMDataConfig, LMRunConfig, generate_text, train_lm
+from seqgen.generation import GenerationConfig
+from seqgen.inference.lm import generate_text
+from seqgen.model import load_model
+from seqgen.tasks.lm import LMDataConfig, LMRunConfig, train_lm
 from seqgen.train import TrainConfig
 
 

@@ -119,8 +119,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
 
-    from seqgen.model import GenerationConfig
-    from seqgen.tasks.captioning import caption_folder
+    from seqgen.generation import GenerationConfig
+    from seqgen.tasks.caption_folder import caption_folder
 
     make_folder(args.folder, args.images, args.size, args.seed)
     model = tiny_captioner(args.size, args.seed)

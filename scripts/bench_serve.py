@@ -150,9 +150,10 @@ def main() -> int:
     # offline, in this process, on the same inputs, after the server is gone
     from seqgen.allocator import tune_cpu_allocator
     tune_cpu_allocator()
-    from seqgen.model import GenerationConfig, load_model
-    from seqgen.tasks.captioning import caption_images, default_caption_gen
-    from seqgen.tasks.translation import translate
+    from seqgen.generation import GenerationConfig
+from seqgen.model import load_model
+    from seqgen.inference.captioning import caption_images, default_caption_gen
+    from seqgen.inference.translation import translate
     model = load_model(args.translator, task="translation")
     translate(model, sentences[:16], GenerationConfig(beam=5))
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ Parts (--parts, comma separated; default all):
            differs, and for the fast no-input-feeding model (Luong attention; same BPE and batch).
   decode   sentences/s decoding test_2016_flickr at batch 64, greedy and beam 5 (the quality model, or --model),
            best of --repeats runs.
-  mfu      model FLOPs per target token (seqgen.bench.forward_flops, matmul FLOPs only) x tokens/s, divided by
+  mfu      model FLOPs per target token (seqgen.flops.forward_flops, matmul FLOPs only) x tokens/s, divided by
            the matmul FLOP/s measured in this run (float32, and bfloat16 when training runs under bf16 autocast;
            needs speed).
 Every part runs on --device (default cpu; cuda or auto for a GPU).
@@ -35,17 +35,22 @@ from dataclasses import replace
 import torch
 
 from seqgen.allocator import tune_cpu_allocator
-from seqgen.bench import best_seconds, forward_flops, matmul_flops
+from seqgen.bench import best_seconds, matmul_flops
 from seqgen.config import from_dict, load_yaml, merge, to_dict
 from seqgen.data.text import read_lines
 from seqgen.decoders.rnn import DecoderConfig
+from seqgen.distributed import resolve_device
 from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import SeqgenError
-from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq, load_model
-from seqgen.precision import AMP_CHOICES
-from seqgen.tasks.translation import (TranslationDataConfig, TranslationRunConfig, build_codecs, corpus_scores,
-                                      read_corpus, train_translation, training_batches, translate)
-from seqgen.train import Trainer, TrainConfig, autocast_dtype, resolve_device
+from seqgen.flops import forward_flops
+from seqgen.generation import GenerationConfig
+from seqgen.inference.translation import translate
+from seqgen.metrics import corpus_scores
+from seqgen.model import ModelConfig, Seq2Seq, load_model
+from seqgen.precision import AMP_CHOICES, autocast_dtype
+from seqgen.tasks.translation import (TranslationDataConfig, TranslationRunConfig, build_codecs, read_corpus,
+                                      train_translation, training_batches)
+from seqgen.train import Trainer, TrainConfig
 
 FILES = ("train.de", "train.en", "val.de", "val.en", "test_2016_flickr.de", "test_2016_flickr.en")
 

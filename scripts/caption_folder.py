@@ -14,8 +14,8 @@ are skipped (--overwrite starts over). Unreadable images are listed with their r
 unless no image at all could be captioned. In Python:
 
     from seqgen import load_model
-    from seqgen.model import GenerationConfig
-    from seqgen.tasks.captioning import caption_folder
+    from seqgen.generation import GenerationConfig
+    from seqgen.tasks.caption_folder import caption_folder
     model = load_model("runs/cap/best.pt", task="captioning")
     summary = caption_folder(model, ["photos/"], "captions.jsonl", GenerationConfig(beam=5))
 """

@@ -27,13 +27,14 @@ import time
 import torch
 
 from seqgen.allocator import tune_cpu_allocator
+from seqgen.atomic import atomic_write
 from seqgen.bench import print_rows
 from seqgen.checkpoint import load_checkpoint, save_checkpoint
 from seqgen.cli import main as seqgen_main
 from seqgen.errors import SeqgenError
 from seqgen.model import load_model
 from seqgen.zoo import get, sha256_file
-from seqgen.zoo.card import FIGURES
+from seqgen.cards import FIGURES
 from seqgen.zoo.compact import compact_payload
 
 ZOO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "seqgen", "zoo")
@@ -90,10 +91,8 @@ def install(name: str, compact_file: str, figures: dict, command: str, run_dir: 
                    "precision": get(name).entry.precision, "quality": quality, "speed": speed,
                    "command": command, "steps": last.get("step"), "commit": git_commit(),
                    "date": datetime.date.today().isoformat()}
-    with open(facts_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(facts, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(facts_path + ".tmp", facts_path)
+    atomic_write(facts_path, lambda f: f.write(json.dumps(facts, indent=2, ensure_ascii=False) + "\n"),
+                 mode="w", encoding="utf-8")
     print(f"installed {target} ({os.path.getsize(target) / 1e6:.1f} MB) and its entry in {facts_path}",
           file=sys.stderr)
 

@@ -11,7 +11,10 @@ __all__ = ["SeqgenError", "load_model", "Seq2Seq", "ModelConfig", "GenerationCon
 
 def __getattr__(name: str):
     # Lazy: `import seqgen` stays cheap (the CLI imports torch only for commands that need it).
-    if name in ("load_model", "Seq2Seq", "ModelConfig", "GenerationConfig"):
+    if name in ("load_model", "Seq2Seq", "ModelConfig"):
         from seqgen import model
         return getattr(model, name)
+    if name == "GenerationConfig":
+        from seqgen.generation import GenerationConfig
+        return GenerationConfig
     raise AttributeError(f"module 'seqgen' has no attribute {name!r}")

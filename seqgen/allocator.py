@@ -2,10 +2,10 @@
 
 glibc's malloc serves large blocks (over 128 KiB at first, over 32 MiB always) with a fresh `mmap` and unmaps
 them on free. A CNN forward allocates and frees activations of tens of MiB per layer, so every layer's output is
-page-faulted in and zeroed by the kernel again: on the 2-core CPU this project is measured on, a batch-64
-EfficientNet-Lite0 forward under bf16 spent more time in the kernel than in PyTorch (2.7 million page faults
-and 4.2 s of system time per 3.4 s of user time for 320 images) and ran at 82 images/s; with the heap kept,
-302 images/s. jemalloc or tcmalloc (LD_PRELOAD) solve the same problem; this needs nothing installed.
+page-faulted in and zeroed by the kernel again: a batch-64 EfficientNet-Lite0 forward spent more time in the
+kernel than in PyTorch, and keeping the heap made it several times faster (docs/performance.md, "Where the
+CPU time actually went"). jemalloc or tcmalloc (LD_PRELOAD) solve the same problem; this needs nothing
+installed.
 
 Process-wide by nature, so only entry points call it: the `seqgen` CLI and the scripts, never library code,
 which would change a host application's allocator behind its back. In your own program, call
@@ -31,16 +31,15 @@ def tune_cpu_allocator(keep_bytes: int = 1 << 30) -> bool:
     """Serve every block from the heap (no mmap) and keep up to `keep_bytes` of freed memory at its top.
 
     One arena for all threads: glibc gives other threads their own arenas, whose heaps hold at most 64 MiB, and
-    larger blocks there were mapped and page-faulted afresh on every allocation. A CNN run from a second thread
-    (a server's worker, a pipeline stage) took 660 ms per batch of 64 under bf16 against 390 ms in the main
-    thread, 2.3 s against 0.66 s in float32. A thread that allocated before this call keeps its own arena: call
-    it before starting threads.
+    larger blocks there were mapped and page-faulted afresh on every allocation, so a CNN run from a second
+    thread (a server's worker, a pipeline stage) was far slower than in the main thread (docs/performance.md).
+    A thread that allocated before this call keeps its own arena: call it before starting threads.
 
     Returns True when applied; False without glibc (macOS, Windows, musl) or when $SEQGEN_MALLOC=system.
     Freed memory stays with the process for reuse: resident memory can stay up to `keep_bytes` above what is
     in use, and the heap does not shrink below its high-water mark except at its top. glibc's per-thread cache
-    also pins a few freed blocks of each size before reuse starts (ten 32 MiB tensors in a row: +224 MiB, then
-    flat; see docs/performance.md for the folder-captioning memory this leaves).
+    also pins a few freed blocks of each size before reuse starts, then memory stays flat (docs/performance.md
+    has both, and the folder-captioning memory this leaves).
     """
     if os.environ.get(OPT_OUT_ENV, "").lower() == "system":
         return False

@@ -1,6 +1,6 @@
 """`seqgen bench`: this machine's throughput on each task, and how much of its matmul rate the models use.
 
-    seqgen bench                                   # about a minute on 2 CPU cores
+    seqgen bench                                   # --seconds 5 per measurement
     seqgen bench --device cuda --seconds 10 --json bench.json
 
 Every measurement runs on synthetic inputs sized like the real tasks, so it needs no dataset and no network:
@@ -20,8 +20,7 @@ Model FLOPs utilisation (MFU) = model FLOPs per unit x units/s / the matmul FLOP
 (float32; also bfloat16 where the hardware has it natively — GPUs, CPUs with AVX512-BF16/AMX — in which case
 the training row runs under bf16 autocast, as `seqgen train --amp auto` does; decoding stays float32). Model FLOPs count the matmuls of the useful work only: padding, elementwise
 ops, softmax, embedding lookups and the per-sequence bridge are left out (the usual MFU convention). The RNN
-parts are counted analytically (`forward_flops`, `decoder_flops`); the CNN by running it once under torch's
-FlopCounterMode, which counts each convolution's and linear layer's multiply-adds x 2 (`cnn_flops`).
+parts are counted analytically, the CNN by running it once under torch's FlopCounterMode (seqgen.flops).
 Training counts 3x the forward FLOPs (the backward pass does twice the forward's matmuls).
 """
 from __future__ import annotations
@@ -30,38 +29,31 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from seqgen.atomic import atomic_write
+from seqgen.data.batch import Batch
 from seqgen.decoders.rnn import DecoderConfig
+from seqgen.distributed import resolve_device
 from seqgen.encoders.cnn import CNNEncoderConfig
 from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import SeqgenError
-from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
+from seqgen.flops import cnn_flops, decoder_flops, forward_flops, memory_key_flops, text_encoder_flops
+from seqgen.generation import GenerationConfig
+from seqgen.log import Log, to_stderr
+from seqgen.model import ModelConfig, Seq2Seq
+from seqgen.precision import autocast_dtype, native_bf16
+from seqgen.tasks.captioning import CaptionRunConfig
+from seqgen.tasks.translation import TranslationRunConfig
 from seqgen.tokenizers import CharTokenizer, TextCodec, WordTokenizer
 from seqgen.vocab import SPECIALS, Vocab
 
 # -- configuration ---------------------------------------------------------------------------------
-
-def _translation_encoder() -> RNNEncoderConfig:
-    from seqgen.tasks.translation import TranslationRunConfig
-    return TranslationRunConfig().encoder
-
-
-def _translation_decoder() -> DecoderConfig:
-    from seqgen.tasks.translation import TranslationRunConfig
-    return TranslationRunConfig().decoder
-
-
-def _caption_decoder() -> DecoderConfig:
-    from seqgen.tasks.captioning import CaptionRunConfig
-    return CaptionRunConfig().decoder
-
 
 @dataclass
 class BenchConfig:
@@ -71,13 +63,13 @@ class BenchConfig:
     batch_size: int = 64           # sentences (training, decoding) and images (captioning) per batch
     beam: int = 5
     # translation: the default model on Multi30k-like batches (8k joint BPE; mean lengths in BPE tokens)
-    encoder: RNNEncoderConfig = field(default_factory=_translation_encoder)
-    decoder: DecoderConfig = field(default_factory=_translation_decoder)
+    encoder: RNNEncoderConfig = field(default_factory=lambda: TranslationRunConfig().encoder)
+    decoder: DecoderConfig = field(default_factory=lambda: TranslationRunConfig().decoder)
     vocab: int = 8000
     src_len: int = 14              # mean source tokens, <eos> included
     tgt_len: int = 13              # mean target tokens, <eos> included; decoding generates exactly this many
     # captioning: Flickr8k-like (words seen >= 5 times, ~11 words + <eos> per caption)
-    caption_decoder: DecoderConfig = field(default_factory=_caption_decoder)
+    caption_decoder: DecoderConfig = field(default_factory=lambda: CaptionRunConfig().decoder)
     backbone: str = "auto"         # auto = efficientnet_lite0 when installed (seqgen[lite]), else resnet18
     image_size: int = 224
     caption_vocab: int = 3000
@@ -113,78 +105,7 @@ def default_backbone() -> str:
     return "efficientnet_lite0"
 
 
-# -- FLOP counting ---------------------------------------------------------------------------------
-
-def rnn_flops(cell: str, inp: int, hidden: int) -> int:
-    """Multiply-add FLOPs of one RNN step: the input and recurrent matmuls of all gates."""
-    gates = 4 if cell == "lstm" else 3
-    return 2 * gates * hidden * (inp + hidden)
-
-
-def text_encoder_flops(enc: RNNEncoderConfig) -> int:
-    """FLOPs per source token of the (bi)RNN text encoder, all layers and directions."""
-    dirs = 2 if enc.bidirectional else 1
-    return dirs * (rnn_flops(enc.cell, enc.emb, enc.hidden)
-                   + (enc.layers - 1) * rnn_flops(enc.cell, enc.hidden * dirs, enc.hidden))
-
-
-def memory_key_flops(dec: DecoderConfig, memory_size: int) -> int:
-    """FLOPs per memory position computed once per input before decoding: Bahdanau's key projection."""
-    return 2 * memory_size * dec.hidden if dec.attention == "bahdanau" else 0
-
-
-def decoder_flops(dec: DecoderConfig, vocab: int, memory_size: int = 0, attended: float = 0.0) -> dict[str, float]:
-    """FLOPs of one decoder step for one sequence (one target token in training, one token per hypothesis in
-    search): RNN, attention over `attended` memory positions of width `memory_size`, pre-output, output layer.
-    """
-    out = dec.emb if dec.tie_embeddings else dec.hidden
-    has_attn = dec.attention != "none"
-    feed = out if dec.input_feeding and has_attn else 0
-    rnn = (rnn_flops(dec.cell, dec.emb + feed, dec.hidden)
-           + (dec.layers - 1) * rnn_flops(dec.cell, dec.hidden, dec.hidden))
-    mem = memory_size
-    attn = 0.0
-    if dec.attention == "bahdanau":
-        a = dec.hidden
-        attn = 2 * dec.hidden * a + 2 * a * attended + 2 * attended * mem   # query projection, energy, context
-    elif dec.attention == "luong_general":
-        attn = 2 * dec.hidden * mem + 2 * attended * mem * 2                # query projection, scores, context
-    elif dec.attention == "luong_dot":
-        attn = 2 * attended * mem * 2
-    pre = 2 * (dec.hidden + (mem if has_attn else 0)) * out if (has_attn or dec.hidden != out) else 0
-    logits = 2 * out * vocab
-    return {"decoder_rnn": rnn, "attention": attn, "pre_output": pre, "output_layer": logits,
-            "total": rnn + attn + pre + logits}
-
-
-def forward_flops(enc: RNNEncoderConfig, dec: DecoderConfig, tgt_vocab: int, src_per_tgt: float,
-                  attended: float) -> dict[str, float]:
-    """Forward FLOPs per target token of a translation model (training; x3 with the backward pass).
-
-    src_per_tgt: source tokens per target token in the data; attended: mean number of source positions each
-    target token attends over (target-weighted mean source length).
-    """
-    mem = enc.hidden * (2 if enc.bidirectional else 1)
-    step = decoder_flops(dec, tgt_vocab, mem, attended)
-    encoder = src_per_tgt * (text_encoder_flops(enc) + memory_key_flops(dec, mem))
-    return {"encoder": encoder, **{k: v for k, v in step.items() if k != "total"}, "total": encoder + step["total"]}
-
-
-def cnn_flops(encoder: nn.Module, image_size: int) -> int:
-    """FLOPs of one image through an image encoder: its convolutions' and linear layers' multiply-adds x 2,
-    counted by torch's FlopCounterMode on one forward pass of a [1, 3, S, S] image."""
-    from torch.utils.flop_counter import FlopCounterMode
-    param = next(encoder.parameters())
-    image = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=param.device)
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            encoder(image)
-    finally:
-        encoder.train(was_training)
-    return int(counter.get_total_flops())
-
+# -- the matmul peak -------------------------------------------------------------------------------
 
 def matmul_flops(seconds: float = 4.0, sizes: tuple[int, ...] = (512, 1024, 2048), *,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> float:
@@ -232,7 +153,7 @@ def timed_rate(work: Callable[[], float], seconds: float, device: torch.device) 
 
 def best_seconds(work: Callable[[], object], repeats: int, device: torch.device) -> float:
     """The shortest of `repeats` timed calls of `work` (synchronised on a GPU): on a shared machine single
-    timings swing by +-15%, and the best is the least disturbed."""
+    timings swing widely (docs/performance.md), and the best is the least disturbed."""
     best = float("inf")
     for _ in range(repeats):
         _sync(device)
@@ -311,7 +232,6 @@ def _describe_translation(cfg: BenchConfig) -> str:
 
 def translation_rows(cfg: BenchConfig, device: torch.device) -> list[Row]:
     """Training tokens/s and decoding sentences/s (greedy, beam) of the translation model."""
-    from seqgen.data.batch import Batch
     g = torch.Generator().manual_seed(cfg.seed)
     codec = synthetic_codec(cfg.vocab)
     v = codec.vocab
@@ -331,7 +251,6 @@ def translation_rows(cfg: BenchConfig, device: torch.device) -> list[Row]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     # the precision `seqgen train` uses by default (--amp auto: bf16 autocast where the hardware is native)
-    from seqgen.train import autocast_dtype
     amp = autocast_dtype("auto", device)
 
     def train_step() -> float:
@@ -463,17 +382,15 @@ def machine_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def run_bench(cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> BenchResult:
+def run_bench(cfg: BenchConfig, *, log: Log | None = None) -> BenchResult:
     """Measure the matmul peak(s) and every row of the table on `cfg.device`."""
-    from seqgen.train import resolve_device
-    say = log or (lambda m: print(m, file=sys.stderr))
+    say = log or to_stderr
     if cfg.seconds <= 0:
         raise SeqgenError(f"--seconds must be > 0, got {cfg.seconds}")
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     sizes = cfg.matmul_sizes or ((2048, 4096, 8192) if device.type == "cuda" else (512, 1024, 2048))
-    from seqgen.train import native_bf16
     dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16(device) else [])
     matmul = {}
     for dtype in dtypes:
@@ -498,20 +415,15 @@ def print_rows(rows: list[tuple[str, str]]) -> None:
 
 
 def write_json(result: BenchResult, path: str) -> None:
-    """The result as JSON at `path` (atomic: temp file + rename)."""
-    import tempfile
-    folder = os.path.dirname(os.path.abspath(path))
+    """The result as JSON at `path` (written atomically)."""
+    def write(f) -> None:
+        json.dump(result.to_dict(), f, indent=2)
+        f.write("\n")
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        atomic_write(path, write, mode="w", encoding="utf-8")
     except OSError as e:
         raise SeqgenError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
-__all__ = ["BenchConfig", "BenchResult", "Row", "cnn_flops", "decoder_flops", "forward_flops", "generation_rate",
-           "matmul_flops", "memory_key_flops", "rnn_flops", "run_bench", "text_encoder_flops", "timed_rate",
-           "tiny_config", "write_json"]
+__all__ = ["BenchConfig", "BenchResult", "Row", "best_seconds", "generation_rate", "matmul_flops", "print_rows",
+           "run_bench", "timed_rate", "tiny_config", "write_json"]

@@ -10,83 +10,32 @@ runs pickled code; the checksum catches truncated or bit-flipped files before an
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import os
-import tempfile
 from typing import Any
 
 import torch
 
+from seqgen.atomic import atomic_write
 from seqgen.errors import SeqgenError
 
 FORMAT = "seqgen-checkpoint"
 VERSION = 1
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temp_prefix(path: str) -> str:
-    # ".tmp-last.pt-XXXX": named after its target (so a later save can find its leftovers) and not ending in
-    # ".pt", so that a file killed mid-write is never taken for a checkpoint
-    return f".tmp-{os.path.basename(path)}-"
-
-
-def remove_partial_writes(path: str) -> list[str]:
-    """Delete the temp files a process killed while saving `path` left next to it; returns their paths.
-
-    Only for a folder no other process is writing to (a run folder, when its run starts).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    removed = []
-    for tmp in glob.glob(os.path.join(glob.escape(folder), glob.escape(_temp_prefix(path)) + "*")):
-        try:
-            os.unlink(tmp)
-            removed.append(tmp)
-        except OSError:
-            pass
-    return removed
-
-
 def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
     """Write `payload` to `path` atomically: a temp file in the same folder, fsync, then rename.
 
     A crash or a full disk at any moment leaves either the old file or the new one, never a mix; a kill
-    leaves at most a temp file `.tmp-NAME-XXXX` (see `remove_partial_writes`).
+    leaves at most a temp file `.tmp-NAME-XXXX` (see `seqgen.atomic.remove_partial_writes`).
     """
     buf = io.BytesIO()
     torch.save(payload, buf)
     raw = buf.getvalue()
     outer = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(raw).hexdigest(),
              "payload": torch.frombuffer(bytearray(raw), dtype=torch.uint8)}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(outer, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda f: torch.save(outer, f))
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

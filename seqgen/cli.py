@@ -1,34 +1,55 @@
-"""`seqgen` command line: train, generate, translate, evaluate, caption, demo, bench.
+"""`seqgen` command line: train, generate, translate, evaluate, caption, plot, bench, demo, models.
 
 Flags come from the same dataclasses as the YAML configs (seqgen.config), so every config key is also a
-flag. Library errors (`SeqgenError`) become one line `seqgen: error: ...` and exit status 2.
+flag, documented once in its dataclass's docstring. Library errors (`SeqgenError`) become one line
+`seqgen: error: ...` and exit status 2.
+
+Modules that import torch (and the two that pull in tempfile or importlib.resources: seqgen.atomic,
+seqgen.zoo) are imported inside the functions that need them, so that `import seqgen.cli` (the console
+script, the scripts/ wrappers, the tests) stays cheap; everything else is imported here.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
 import traceback
 
 from seqgen.allocator import tune_cpu_allocator
-from seqgen.config import add_dataclass_flags, add_run_flags, build_run_config, flags_to_dict, from_dict
+from seqgen.config import add_dataclass_flags, add_run_flags, build_run_config, flags_to_dict, from_dict, to_dict
 from seqgen.errors import LINE_BREAKS, SeqgenError
+from seqgen.log import to_stderr
+from seqgen.metrics import corpus_scores
+from seqgen.plots import attention_heatmap, loss_curve, require_matplotlib
 
 
 def _common_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="run folder: last.pt, best.pt, metrics.jsonl")
-    p.add_argument("--config", help="YAML file with the same keys as the flags (flags win)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder: last.pt, best.pt, metrics.jsonl")
+    p.add_argument("--config", metavar="FILE", help="YAML file with the same keys as the flags (flags win)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
 
 
-def _add_generation_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    from seqgen.model import GenerationConfig
-    add_dataclass_flags(p, GenerationConfig, dest_prefix="gen", skip=skip)
-    p.add_argument("--seed", type=int, default=1, help="random seed for sampling (default: 1)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+def _add_generation_flags(p: argparse.ArgumentParser, defaults, skip: tuple[str, ...] = ()) -> None:
+    """The GenerationConfig flags, showing `defaults`: what the command decodes with when none is given."""
+    from seqgen.generation import GenerationConfig
+    add_dataclass_flags(p, GenerationConfig, dest_prefix="gen", skip=skip, defaults=defaults)
+    p.add_argument("--seed", type=int, default=1, metavar="N", help="random seed for sampling (default: 1)")
+    p.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda, cuda:N (default: auto)")
+
+
+def decoding_defaults(command: str):
+    """What a decoding command uses when no generation flag is given (seqgen.inference.default_decoding)."""
+    from seqgen.inference import default_decoding
+    return default_decoding(command)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from seqgen.inference.translation import DEFAULT_MAX_SRC_LEN
+    from seqgen.tasks.captioning import CaptionRunConfig
     from seqgen.tasks.lm import LMRunConfig
+    from seqgen.tasks.translation import TranslationRunConfig
 
     parser = argparse.ArgumentParser(prog="seqgen", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -39,16 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common_train_flags(lm)
     add_run_flags(lm, LMRunConfig)
 
-    gen = sub.add_parser("generate", help="continue a prompt with a language model")
+    gen = sub.add_parser("generate", help="continue a prompt with a language model",
+                         description="Samples at --temperature 0.8 unless --greedy, --beam N or --temperature T "
+                                     "is given.")
     gen.add_argument("checkpoint", metavar="MODEL", help="a language-model checkpoint (best.pt) or a shipped "
                                                          "model's name (e.g. shakespeare-char)")
-    gen.add_argument("--prompt", default="", help="text to continue (default: empty)")
-    gen.add_argument("--num-samples", type=int, default=1)
+    gen.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: empty)")
+    gen.add_argument("--num-samples", type=int, default=1, metavar="N",
+                     help="how many continuations to generate (with --beam N, --n-best says how many) "
+                          "(default: 1)")
     gen.add_argument("--greedy", action="store_true", help="deterministic: always the most likely token")
-    _add_generation_flags(gen)
+    _add_generation_flags(gen, decoding_defaults("generate"))
 
-    # -- translation commands (seqgen.tasks.translation) --
-    from seqgen.tasks.translation import DEFAULT_MAX_SRC_LEN, TranslationRunConfig
     tr = train.add_parser("translation", help="RNN encoder-decoder with attention on parallel text",
                           description="Encoder flags are --enc-*, decoder and training flags are unprefixed, "
                                       "the decoding used for validation BLEU is --eval-* (greedy by default).")
@@ -63,22 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("checkpoint", metavar="MODEL",
                        help="a translation checkpoint (best.pt) or a shipped model's name (e.g. multi30k-de-en)")
         if name == "translate":
-            p.add_argument("input", nargs="?", default="-", help="source file, one sentence per line (default: stdin)")
-            p.add_argument("--out", default="-", help="write translations here (default: stdout); with --n-best N, "
-                                                      "N lines per sentence: line<TAB>score<TAB>translation")
+            p.add_argument("input", nargs="?", default="-", metavar="FILE",
+                           help="source file, one sentence per line (default: stdin)")
+            p.add_argument("--out", default="-", metavar="FILE",
+                           help="write translations here (default: stdout); with --n-best N, N lines per "
+                                "sentence: line<TAB>score<TAB>translation")
             p.add_argument("--attention-png", metavar="DIR", help="save an attention heatmap per sentence in DIR")
         else:
-            p.add_argument("--src", required=True, help="source file, one sentence per line")
-            p.add_argument("--ref", required=True, help="reference translations, aligned with --src")
-            p.add_argument("--out", help="also save the translations to this file")
+            p.add_argument("--src", required=True, metavar="FILE", help="source file, one sentence per line")
+            p.add_argument("--ref", required=True, metavar="FILE", help="reference translations, aligned with --src")
+            p.add_argument("--out", metavar="FILE", help="also save the translations to this file")
             p.add_argument("--json", action="store_true", help="print one JSON object instead of sacreBLEU lines")
         p.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
-        p.add_argument("--batch-size", type=int, default=64, help="sentences decoded at once (default: 64)")
-        p.add_argument("--max-src-len", type=int, default=DEFAULT_MAX_SRC_LEN,
+        p.add_argument("--batch-size", type=int, default=64, metavar="N",
+                       help="sentences decoded at once (default: 64)")
+        p.add_argument("--max-src-len", type=int, default=DEFAULT_MAX_SRC_LEN, metavar="N",
                        help=f"longer sources (in tokens) are truncated with a warning (default: {DEFAULT_MAX_SRC_LEN})")
-        _add_generation_flags(p, skip=("n_best",) if name == "evaluate" else ())
-    # -- captioning commands (seqgen.tasks.captioning) --
-    from seqgen.tasks.captioning import CaptionRunConfig
+        _add_generation_flags(p, decoding_defaults(name), skip=("n_best",) if name == "evaluate" else ())
+
     cap = train.add_parser("captioning", help="CNN image encoder + attentional decoder on an image folder and captions",
                            description="Data flags name the images, captions and splits; --backbone/--weights/--freeze "
                                        "choose the CNN (--weights auto = ImageNet weights where available); decoder "
@@ -98,11 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", metavar="MODEL",
                    help="a captioning checkpoint (best.pt) or a shipped model's name (e.g. flickr8k-captioner)")
     c.add_argument("inputs", nargs="+", metavar="FOLDER_OR_FILE", help="image folders and/or image files")
-    c.add_argument("--out", required=True, help="captions.jsonl ({image, caption, score} per line) or captions.csv")
-    c.add_argument("--batch-size", type=int, default=64, help="images per CNN + beam search batch (default: 64)")
-    c.add_argument("--num-workers", type=int, default=None,
-                   help="image decoding processes (default: 1 on a CPU with up to 4 cores, 2 on more; on a GPU "
-                        "half the cores, up to 8)")
+    c.add_argument("--out", required=True, metavar="FILE",
+                   help="captions.jsonl ({image, caption, score} per line) or captions.csv")
+    c.add_argument("--batch-size", type=int, default=64, metavar="N",
+                   help="images per CNN + beam search batch (default: 64)")
+    c.add_argument("--num-workers", type=int, default=None, metavar="N",
+                   help="image decoding processes (default: 0 on a CPU with up to 2 cores: the main process "
+                        "decodes; 1 with up to 4 cores, 2 above; on a GPU half the cores, up to 8)")
     c.add_argument("--recursive", action="store_true", help="also caption images in subfolders")
     c.add_argument("--follow-symlinks", action="store_true", help="follow symlinks that leave the input folder")
     c.add_argument("--overwrite", action="store_true", help="start --out over instead of continuing it")
@@ -110,21 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--attention-png", metavar="DIR", help="save a PNG per image: each word's attention over the image")
     c.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_generation_flags(c, skip=("n_best",))
+    _add_generation_flags(c, decoding_defaults("caption"), skip=("n_best",))
 
     plot = sub.add_parser("plot", help="save a run's loss and validation curves as a PNG (needs matplotlib)")
-    plot.add_argument("run", help="a run folder (with metrics.jsonl) or a metrics.jsonl file")
-    plot.add_argument("--out", default=None, help="PNG path (default: RUN/curves.png)")
+    plot.add_argument("run", metavar="RUN", help="a run folder (with metrics.jsonl) or a metrics.jsonl file")
+    plot.add_argument("--out", default=None, metavar="FILE", help="PNG path (default: RUN/curves.png)")
 
     bench = sub.add_parser("bench", help="this machine's training, decoding, captioning and generation rates and "
                                          "their model FLOPs utilisation (synthetic inputs, offline)",
                            description="Prints one table: train tokens/s, decode sentences/s (greedy and beam 5), "
                                        "caption images/s, char generation chars/s, each with its model FLOP/s and "
                                        "MFU against the matmul rate measured in the same run (see seqgen.bench).")
-    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
-    bench.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement (default: 5)")
-    bench.add_argument("--seed", type=int, default=1)
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    bench.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda, cuda:N (default: auto)")
+    bench.add_argument("--seconds", type=float, default=5.0, metavar="X",
+                       help="timed seconds per measurement (default: 5)")
+    bench.add_argument("--seed", type=int, default=1, metavar="N",
+                       help="random seed of the synthetic models and inputs (default: 1)")
+    bench.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's choice)")
     bench.add_argument("--json", metavar="FILE", help="also write the results here")
     bench.add_argument("--tiny", action="store_true", help="toy model sizes: a smoke test in seconds")
 
@@ -132,12 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "models (offline, < 1 min); --train: train a small model first")
     demo.add_argument("--train", action="store_true",
                       help="instead: train a small character model on generated text, then generate from it")
-    demo.add_argument("--seconds", type=float, default=40.0, help="with --train: training budget (default: 40)")
-    demo.add_argument("--out", default=None, help="folder for the attention map (default: runs/demo); with "
-                                                  "--train: keep the run here (default: a temp folder)")
-    demo.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+    demo.add_argument("--seconds", type=float, default=40.0, metavar="X",
+                      help="with --train: training budget (default: 40)")
+    demo.add_argument("--out", default=None, metavar="DIR", help="folder for the attention map (default: runs/demo); "
+                                                                 "with --train: keep the run here (default: a temp "
+                                                                 "folder)")
+    demo.add_argument("--seed", type=int, default=1, metavar="N", help="random seed (default: 1)")
 
-    serve = sub.add_parser("serve", help="serve models over HTTP: JSON API with request batching, and a web page",
+    serve = sub.add_parser("serve", help="serve models over HTTP: a JSON API with request batching, and a web page",
                            description="Starts an HTTP server (FastAPI on uvicorn) for the given models: POST "
                                        "/v1/translate, /v1/caption, /v1/generate; GET /v1/models, /health, / (a web "
                                        "page) and /docs (the OpenAPI schema). Concurrent requests for one model are "
@@ -146,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shipped model names, checkpoint paths, or NAME=PATH (the name requests use)")
     from seqgen.serve.config import ServeConfig
     add_dataclass_flags(serve, ServeConfig, dest_prefix="serve")
-    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
-    serve.add_argument("--seed", type=int, default=1, help="torch seed at start-up (default: 1)")
+    serve.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda, cuda:N (default: auto)")
+    serve.add_argument("--seed", type=int, default=1, metavar="N", help="torch seed at start-up (default: 1)")
 
     sub.add_parser("models", help="list the models that ship with seqgen: task, size, data, quality, speed",
                    description="Each name works wherever a checkpoint path does (a path that exists wins).")
@@ -161,6 +192,15 @@ def _print_once(message: str) -> None:
         print(message)
 
 
+# -- decoding settings -----------------------------------------------------------------------------------
+def _search_gen(args: argparse.Namespace, defaults):
+    """The decoding the flags ask for (seqgen.generation.decoding_config): --greedy | --beam N | --temperature T,
+    else `defaults` (`decoding_defaults(command)`), which also fills the generation flags the user did not type."""
+    from seqgen.generation import decoding_config
+    return decoding_config(flags_to_dict(args).get("gen", {}), defaults, greedy=args.greedy)
+
+
+# -- language models -------------------------------------------------------------------------------------
 def cmd_train_lm(args: argparse.Namespace) -> int:
     from seqgen.tasks.lm import LMRunConfig, train_lm
     run, flags = build_run_config(LMRunConfig, args)
@@ -170,23 +210,10 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from seqgen.model import GenerationConfig, load_model
-    from seqgen.tasks.lm import generate_text
-    from seqgen.train import resolve_device
-
-    gen = from_dict(GenerationConfig, flags_to_dict(args).get("gen", {}), where="flags")
-    typed_temperature = "gen.temperature" in vars(args)
-    if gen.beam > 1 or args.greedy:
-        if typed_temperature and gen.temperature > 0:
-            raise SeqgenError("--temperature samples; it cannot be combined with --beam or --greedy")
-        gen = dataclasses.replace(gen, temperature=0.0)
-    elif not typed_temperature:
-        gen = dataclasses.replace(gen, temperature=0.8)
-    elif gen.temperature <= 0:
-        raise SeqgenError(f"--temperature must be > 0 when sampling (got {gen.temperature}); "
-                          f"use --greedy for deterministic output")
+    from seqgen.distributed import resolve_device
+    from seqgen.inference.lm import generate_text
+    from seqgen.model import load_model
+    gen = _search_gen(args, decoding_defaults("generate"))
     model = load_model(args.checkpoint, device=resolve_device(args.device), task="lm")
     for i, text in enumerate(generate_text(model, args.prompt, gen, num_samples=args.num_samples, seed=args.seed)):
         if i:
@@ -195,10 +222,155 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot(args: argparse.Namespace) -> int:
-    import os
+# -- translation -----------------------------------------------------------------------------------------
+def cmd_train_translation(args: argparse.Namespace) -> int:
+    from seqgen.tasks.translation import TranslationRunConfig, train_translation
+    run, overrides = build_run_config(TranslationRunConfig, args)
+    state = train_translation(run, args.out, resume=args.resume, overrides=overrides)
+    best = f"{state.best:.2f}" if state.best is not None else "n/a"
+    _print_once(f"done: {state.step} steps, best validation BLEU {best}; model in {args.out}/best.pt")
+    return 0
 
-    from seqgen.plots import loss_curve
+
+def _read_source(path: str) -> list[str]:
+    from seqgen.data.text import decode_utf8, read_lines
+    if path != "-":
+        return read_lines(path, allow_empty=True)
+    lines = decode_utf8(sys.stdin.buffer.read(), "<stdin>").replace("\r\n", "\n").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def _write_text(path: str, text: str) -> None:
+    """stdout for '-', else an atomic write (a failed run never leaves half a file)."""
+    from seqgen.atomic import atomic_write
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        atomic_write(path, lambda f: f.write(text), mode="w", encoding="utf-8")
+    except OSError as e:
+        raise SeqgenError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def _load_translation_model(args: argparse.Namespace):
+    from seqgen.distributed import resolve_device
+    from seqgen.model import load_model
+    return load_model(args.checkpoint, device=resolve_device(args.device), task="translation")
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from seqgen.inference.translation import translate_nbest
+    gen = _search_gen(args, decoding_defaults("translate"))
+    if args.out != "-" and args.input != "-" and os.path.abspath(args.out) == os.path.abspath(args.input):
+        raise SeqgenError(f"--out {args.out} is the input file; choose another output (nothing was written)")
+    model = _load_translation_model(args)
+    sentences = _read_source(args.input)      # a bad input file fails before any output folder is made
+    if args.attention_png:
+        require_matplotlib()
+        if model.decoder.attention is None:
+            raise SeqgenError(f"{args.checkpoint}: this model has no attention (--attention none); "
+                              f"there are no attention maps to draw")
+        try:
+            os.makedirs(args.attention_png, exist_ok=True)
+        except OSError as e:
+            raise SeqgenError(f"--attention-png {args.attention_png}: cannot create the folder "
+                              f"({e.strerror or e})") from None
+    results = translate_nbest(model, sentences, gen, batch_size=args.batch_size, max_src_len=args.max_src_len,
+                              seed=args.seed, warn=to_stderr)
+    if gen.n_best > 1:
+        text = "".join(f"{i}\t{h.score:.4f}\t{h.text}\n" for i, hyps in enumerate(results, 1) for h in hyps)
+    else:
+        text = "".join(hyps[0].text + "\n" for hyps in results)
+    _write_text(args.out, text)
+    if args.attention_png:
+        drawn = 0
+        for i, (source, hyps) in enumerate(zip(sentences, results), 1):
+            best = hyps[0]
+            if best.attention is None or not best.target_tokens:
+                continue
+            title = source if len(source) <= 80 else source[:77] + "..."
+            attention_heatmap(best.attention, best.source_tokens, best.target_tokens,
+                              os.path.join(args.attention_png, f"{i:05d}.png"), title=title)
+            drawn += 1
+        to_stderr(f"seqgen: {drawn} attention map(s) in {args.attention_png}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from seqgen.data.text import read_lines
+    from seqgen.inference.translation import translate
+    gen = _search_gen(args, decoding_defaults("evaluate"))
+    src, ref = read_lines(args.src), read_lines(args.ref)
+    if len(src) != len(ref):
+        raise SeqgenError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)} "
+                          f"— the files must be aligned line by line")
+    model = _load_translation_model(args)
+    hyps = translate(model, src, gen, batch_size=args.batch_size, max_src_len=args.max_src_len, seed=args.seed,
+                     warn=to_stderr)
+    if args.out:
+        _write_text(args.out, "".join(h + "\n" for h in hyps))
+    scores = corpus_scores(hyps, ref)
+    if args.json:
+        print(json.dumps({"bleu": scores["bleu"], "chrf": scores["chrf"], "sentences": len(src),
+                          "bleu_signature": scores["bleu_signature"], "chrf_signature": scores["chrf_signature"],
+                          "beam": gen.beam, "temperature": gen.temperature}))
+    else:
+        print(scores["bleu_line"])
+        print(scores["chrf_line"])
+    return 0
+
+
+# -- captioning ------------------------------------------------------------------------------------------
+def cmd_train_captioning(args: argparse.Namespace) -> int:
+    from seqgen.tasks.captioning import CaptionRunConfig, train_captioning
+    run, overrides = build_run_config(CaptionRunConfig, args)
+    state = train_captioning(run, args.out, resume=args.resume, overrides=overrides)
+    best = f"{state.best:.3f}" if state.best is not None else "n/a"
+    _print_once(f"done: {state.step} steps, best validation CIDEr-D {best}; model in {args.out}/best.pt")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from seqgen.distributed import entry_point
+    return entry_point(_caption)(args)   # under torchrun: closes the process group _caption opens
+
+
+def _caption(args: argparse.Namespace) -> int:
+    import torch
+
+    from seqgen.distributed import launch_info, setup
+    from seqgen.model import load_model
+    from seqgen.tasks.caption_folder import caption_folder, output_format
+    # the same --greedy | --beam N | --temperature T rules as translate, and the caption defaults (no loops)
+    gen = _search_gen(args, decoding_defaults("caption"))
+    output_format(args.out)        # an unknown extension fails before the model is loaded
+    dist = setup(args.device)      # under torchrun: this process's share of the folder and its device
+    if dist.world > 1 and dist.device.type == "cpu":
+        # The processes on a machine share its cores: never more threads than cores // processes (torchrun
+        # sets OMP_NUM_THREADS=1 unless told otherwise; a launch without it would start one per core each).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(min(torch.get_num_threads(), max(1, cores // launch_info().local_world)))
+    model = load_model(args.checkpoint, device=dist.device, task="captioning")
+    try:
+        summary = caption_folder(model, args.inputs, args.out, gen, batch_size=args.batch_size,
+                                 num_workers=args.num_workers, recursive=args.recursive,
+                                 follow_symlinks=args.follow_symlinks, resume=not args.overwrite,
+                                 attention_png_dir=args.attention_png, skipped_path=args.skipped,
+                                 progress=not args.quiet, dist=dist)
+    except KeyboardInterrupt:
+        kept = args.out if dist.world == 1 else f"{args.out} and its part files"
+        to_stderr(f"seqgen: interrupted; every finished batch is kept in {kept}: run the same command again to "
+                  f"continue")
+        return 130
+    if not summary.ok:
+        to_stderr(f"seqgen: error: no image could be captioned ({len(summary.skipped)} skipped)")
+        return 1
+    return 0
+
+
+# -- the rest --------------------------------------------------------------------------------------------
+def cmd_plot(args: argparse.Namespace) -> int:
     metrics = os.path.join(args.run, "metrics.jsonl") if os.path.isdir(args.run) else args.run
     if not os.path.isfile(metrics):
         raise SeqgenError(f"{metrics}: no such file (is {args.run} a run folder?)")
@@ -242,17 +414,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           f"pip install 'seqgen[serve]'") from None
     import torch
 
+    from seqgen.distributed import resolve_device
     from seqgen.serve.config import ServeConfig
     from seqgen.serve.models import load_served
-    from seqgen.train import resolve_device
     cfg = from_dict(ServeConfig, flags_to_dict(args).get("serve", {}), where="flags")
     cfg.validate()
     torch.manual_seed(args.seed)
     served = load_served(args.models, device=resolve_device(args.device))
     app = create_app(served, cfg)
     where = f"http://{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"http://[{cfg.host}]:{cfg.port}"
-    print(f"seqgen: serving {', '.join(f'{n} ({m.task})' for n, m in served.items())} at {where} "
-          f"(web page {where}/, API schema {where}/docs); Ctrl-C stops", file=sys.stderr)
+    to_stderr(f"seqgen: serving {', '.join(f'{n} ({m.task})' for n, m in served.items())} at {where} "
+              f"(web page {where}/, API schema {where}/docs); Ctrl-C stops")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
     return 0
 
@@ -263,202 +435,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- translation handlers --
-def cmd_train_translation(args: argparse.Namespace) -> int:
-    from seqgen.tasks.translation import TranslationRunConfig, train_translation
-    run, overrides = build_run_config(TranslationRunConfig, args)
-    state = train_translation(run, args.out, resume=args.resume, overrides=overrides)
-    best = f"{state.best:.2f}" if state.best is not None else "n/a"
-    _print_once(f"done: {state.step} steps, best validation BLEU {best}; model in {args.out}/best.pt")
-    return 0
-
-
-def _search_gen(args: argparse.Namespace, defaults: dict | None = None):
-    """--greedy | --beam N | --temperature T (sampling); beam 5 when none is given.
-
-    defaults: the task's decoding defaults for the generation flags the user did not type (captioning)."""
-    import dataclasses
-
-    from seqgen.model import GenerationConfig
-    typed = vars(args)
-    given = flags_to_dict(args).get("gen", {})
-    untyped = {k: v for k, v in (defaults or {}).items() if f"gen.{k}" not in typed}
-    gen = from_dict(GenerationConfig, {**given, **untyped}, where="flags")
-    if args.greedy:
-        if ("gen.beam" in typed and gen.beam > 1) or ("gen.temperature" in typed and gen.temperature > 0):
-            raise SeqgenError("--greedy cannot be combined with --beam N or --temperature T")
-        gen = dataclasses.replace(gen, beam=1, temperature=0.0)
-    elif gen.temperature == 0 and "gen.beam" not in typed:
-        gen = dataclasses.replace(gen, beam=5)
-    gen.validate()
-    return gen
-
-
-def _read_source(path: str) -> list[str]:
-    from seqgen.data.text import decode_utf8, read_lines
-    if path != "-":
-        return read_lines(path, allow_empty=True)
-    lines = decode_utf8(sys.stdin.buffer.read(), "<stdin>").replace("\r\n", "\n").split("\n")
-    return lines[:-1] if lines and lines[-1] == "" else lines
-
-
-def _write_text(path: str, text: str) -> None:
-    """stdout for '-', else an atomic write (a failed run never leaves half a file)."""
-    import os
-    import tempfile
-    if path == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise SeqgenError(f"{path}: cannot write ({e.strerror or e})") from None
-
-
-def _load_translation_model(args: argparse.Namespace):
-    from seqgen.model import load_model
-    from seqgen.train import resolve_device
-    return load_model(args.checkpoint, device=resolve_device(args.device), task="translation")
-
-
-def _warn(message: str) -> None:
-    print(f"seqgen: warning: {message}", file=sys.stderr)
-
-
-def cmd_translate(args: argparse.Namespace) -> int:
-    import os
-
-    from seqgen.tasks.translation import translate_nbest
-    gen = _search_gen(args)
-    if args.out != "-" and args.input != "-" and os.path.abspath(args.out) == os.path.abspath(args.input):
-        raise SeqgenError(f"--out {args.out} is the input file; choose another output (nothing was written)")
-    model = _load_translation_model(args)
-    sentences = _read_source(args.input)      # a bad input file fails before any output folder is made
-    if args.attention_png:
-        from seqgen.plots import require_matplotlib
-        require_matplotlib()
-        if model.decoder.attention is None:
-            raise SeqgenError(f"{args.checkpoint}: this model has no attention (--attention none); "
-                              f"there are no attention maps to draw")
-        try:
-            os.makedirs(args.attention_png, exist_ok=True)
-        except OSError as e:
-            raise SeqgenError(f"--attention-png {args.attention_png}: cannot create the folder "
-                              f"({e.strerror or e})") from None
-    results = translate_nbest(model, sentences, gen, batch_size=args.batch_size, max_src_len=args.max_src_len,
-                              seed=args.seed, warn=_warn)
-    if gen.n_best > 1:
-        text = "".join(f"{i}\t{h.score:.4f}\t{h.text}\n" for i, hyps in enumerate(results, 1) for h in hyps)
-    else:
-        text = "".join(hyps[0].text + "\n" for hyps in results)
-    _write_text(args.out, text)
-    if args.attention_png:
-        from seqgen.plots import attention_heatmap
-        drawn = 0
-        for i, (source, hyps) in enumerate(zip(sentences, results), 1):
-            best = hyps[0]
-            if best.attention is None or not best.target_tokens:
-                continue
-            title = source if len(source) <= 80 else source[:77] + "..."
-            attention_heatmap(best.attention, best.source_tokens, best.target_tokens,
-                              os.path.join(args.attention_png, f"{i:05d}.png"), title=title)
-            drawn += 1
-        print(f"seqgen: {drawn} attention map(s) in {args.attention_png}", file=sys.stderr)
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from seqgen.data.text import read_lines
-    from seqgen.tasks.translation import corpus_scores, translate
-    gen = _search_gen(args)
-    src, ref = read_lines(args.src), read_lines(args.ref)
-    if len(src) != len(ref):
-        raise SeqgenError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)} "
-                          f"— the files must be aligned line by line")
-    model = _load_translation_model(args)
-    hyps = translate(model, src, gen, batch_size=args.batch_size, max_src_len=args.max_src_len, seed=args.seed,
-                     warn=_warn)
-    if args.out:
-        _write_text(args.out, "".join(h + "\n" for h in hyps))
-    scores = corpus_scores(hyps, ref)
-    if args.json:
-        print(json.dumps({"bleu": scores["bleu"], "chrf": scores["chrf"], "sentences": len(src),
-                          "bleu_signature": scores["bleu_line"].split(" = ")[0],
-                          "chrf_signature": scores["chrf_line"].split(" = ")[0],
-                          "beam": gen.beam, "temperature": gen.temperature}))
-    else:
-        print(scores["bleu_line"])
-        print(scores["chrf_line"])
-    return 0
-
-
-# -- captioning handlers --
-def cmd_train_captioning(args: argparse.Namespace) -> int:
-    from seqgen.tasks.captioning import CaptionRunConfig, train_captioning
-    run, overrides = build_run_config(CaptionRunConfig, args)
-    state = train_captioning(run, args.out, resume=args.resume, overrides=overrides)
-    best = f"{state.best:.3f}" if state.best is not None else "n/a"
-    _print_once(f"done: {state.step} steps, best validation CIDEr-D {best}; model in {args.out}/best.pt")
-    return 0
-
-
-def cmd_caption(args: argparse.Namespace) -> int:
-    from seqgen.distributed import entry_point
-    return entry_point(_caption)(args)   # under torchrun: closes the process group _caption opens
-
-
-def _caption(args: argparse.Namespace) -> int:
-    import os
-
-    import torch
-
-    from seqgen.distributed import launch_info, setup
-    from seqgen.model import load_model
-    from seqgen.tasks.captioning import caption_folder, output_format
-    from seqgen.tasks.captioning import default_caption_gen
-    caption_defaults = default_caption_gen()
-    # the same --greedy | --beam N | --temperature T rules as translate, and the caption defaults (no loops)
-    gen = _search_gen(args, {"max_len": caption_defaults.max_len, "no_repeat_ngram": caption_defaults.no_repeat_ngram})
-    output_format(args.out)        # an unknown extension fails before the model is loaded
-    dist = setup(args.device)      # under torchrun: this process's share of the folder and its device
-    if dist.world > 1 and dist.device.type == "cpu":
-        # The processes on a machine share its cores: never more threads than cores // processes (torchrun
-        # sets OMP_NUM_THREADS=1 unless told otherwise; a launch without it would start one per core each).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(min(torch.get_num_threads(), max(1, cores // launch_info().local_world)))
-    model = load_model(args.checkpoint, device=dist.device, task="captioning")
-    try:
-        summary = caption_folder(model, args.inputs, args.out, gen, batch_size=args.batch_size,
-                                 num_workers=args.num_workers, recursive=args.recursive,
-                                 follow_symlinks=args.follow_symlinks, resume=not args.overwrite,
-                                 attention_png_dir=args.attention_png, skipped_path=args.skipped,
-                                 progress=not args.quiet, dist=dist)
-    except KeyboardInterrupt:
-        kept = args.out if dist.world == 1 else f"{args.out} and its part files"
-        print(f"seqgen: interrupted; every finished batch is kept in {kept}: run the same command again to "
-              f"continue", file=sys.stderr)
-        return 130
-    if not summary.ok:
-        print(f"seqgen: error: no image could be captioned ({len(summary.skipped)} skipped)", file=sys.stderr)
-        return 1
-    return 0
-
-
-COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate, ("demo", None): cmd_demo,
-            ("plot", None): cmd_plot, ("bench", None): cmd_bench,
+COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate,
+            ("train", "translation"): cmd_train_translation, ("translate", None): cmd_translate,
+            ("evaluate", None): cmd_evaluate,
+            ("train", "captioning"): cmd_train_captioning, ("caption", None): cmd_caption,
+            ("plot", None): cmd_plot, ("bench", None): cmd_bench, ("demo", None): cmd_demo,
             ("models", None): cmd_models, ("serve", None): cmd_serve}
-# COMMANDS.update(...) lines for translation / captioning go here
-COMMANDS.update({("train", "captioning"): cmd_train_captioning, ("caption", None): cmd_caption})
-COMMANDS.update({("train", "translation"): cmd_train_translation, ("translate", None): cmd_translate,
-                 ("evaluate", None): cmd_evaluate})
 
 
 # A file name in a message may hold a line break: escaped, so that the error stays one line.
@@ -475,10 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     except SeqgenError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"seqgen: error: {str(e).translate(_ESCAPE_LINE_BREAKS)}", file=sys.stderr)
+        to_stderr(f"seqgen: error: {str(e).translate(_ESCAPE_LINE_BREAKS)}")
         return 2
     except KeyboardInterrupt:
-        print("seqgen: interrupted (the last checkpoint is intact; continue with --resume)", file=sys.stderr)
+        to_stderr("seqgen: interrupted (the last checkpoint is intact; continue with --resume)")
         return 130
 
 

@@ -2,18 +2,41 @@
 
 One implementation for every task: a config section is a dataclass, a YAML file has the same keys,
 and `add_dataclass_flags` turns the same fields into `--flags` so the two can never drift apart.
+
+A config documents its fields in its docstring, one `name: what it means` line each (more-indented lines
+continue it), the way every dataclass in seqgen documents its fields:
+
+    @dataclass
+    class TrainConfig:
+        '''How the Trainer trains ...
+
+        lr:        peak learning rate (AdamW), reached at the end of the warmup
+        '''
+        lr: float = 2e-3
+
+`field_docs` reads those lines, so the sentence a reader sees in the code is the `--lr` help. The value a
+flag takes is named by its type: N (int), X (float), BOOL, the choices of a Literal, and for strings the
+`File`, `Folder`, `Name` and `Device` annotations below (FILE, DIR, NAME, DEVICE).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import types
 import typing
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from seqgen.errors import SeqgenError
 
 T = TypeVar("T")
+
+# String fields that name something: the annotation is what --help shows as the flag's value.
+File = Annotated[str, "FILE"]
+Folder = Annotated[str, "DIR"]
+Name = Annotated[str, "NAME"]
+Device = Annotated[str, "DEVICE"]
 
 
 def to_dict(cfg: Any) -> dict:
@@ -100,12 +123,60 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+_FIELD_DOC = re.compile(r"^(\w+):\s+(\S.*)$")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its documentation: the `name: text` lines of `cls`'s docstring (see the module docstring),
+    continuation lines joined. Fields without such a line are absent."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
+        match = _FIELD_DOC.match(line)
+        if match and match.group(1) in names:
+            current = docs.setdefault(match.group(1), [])
+            current.append(match.group(2).strip())
+        elif current is not None and line[:1].isspace() and line.strip():
+            current.append(line.strip())
+        else:
+            current = None
+    return {name: " ".join(parts) for name, parts in docs.items()}
+
+
+def _summary(cls: type) -> str | None:
+    """The first line of a hand-written class docstring (dataclasses make one up: "Name(field: type, ...)")."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    return doc.splitlines()[0] if doc and not doc.startswith(f"{cls.__name__}(") else None
+
+
+def _metavar(tp: Any) -> str | None:
+    """How --help names a flag's value: a File/Folder/Name/Device annotation, else N, X or TEXT by type (None
+    for a Literal, whose choices argparse shows)."""
+    args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (Union, types.UnionType) else [tp]
+    for a in args:
+        if get_origin(a) is Annotated:
+            return a.__metadata__[0]
+    plain = args[0] if args else tp
+    if get_origin(plain) is Literal:
+        return None
+    return {int: "N", float: "X", bool: "BOOL"}.get(plain, "TEXT")
+
+
+def _shown(value: Any) -> str:
+    """A default as the user would type it."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "",
                         dest_prefix: str, skip: tuple[str, ...] = (), defaults: Any = None) -> None:
-    """Add one `--{prefix}{field}` flag per field of `cls`. Defaults are suppressed so that only
-    flags the user typed override the YAML file; `defaults` (an instance) is what --help shows."""
+    """Add one `--{prefix}{field}` flag per field of `cls`, in a group of their own, each with its field's
+    documentation as help. Defaults are suppressed so that only flags the user typed override the YAML
+    file; `defaults` (an instance: what the command really uses) is what --help shows."""
     hints = _resolved_types(cls)
-    group = parser.add_argument_group(f"{dest_prefix} ({cls.__name__})")
+    extras = typing.get_type_hints(cls, include_extras=True)
+    docs = field_docs(cls)
+    group = parser.add_argument_group(f"{dest_prefix} ({cls.__name__})", description=_summary(cls))
     for f in dataclasses.fields(cls):
         if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
             continue
@@ -115,13 +186,15 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: s
             default = getattr(defaults, f.name)
         else:
             default = f.default if f.default is not dataclasses.MISSING else None
-        doc = f"(default: {default})"
+        # None and "" are explained by the field's documentation ("" = every captioned image, ...)
+        shown = f"(default: {_shown(default)})" if default not in (None, "") else ""
+        doc = " ".join(part for part in (docs.get(f.name, ""), shown) if part).replace("%", "%%")
         if tp == "bool":
             group.add_argument(flag, dest=f"{dest_prefix}.{f.name}", type=_parse_bool, nargs="?", const=True,
                                default=argparse.SUPPRESS, metavar="BOOL", help=doc)
         else:
             group.add_argument(flag, dest=f"{dest_prefix}.{f.name}", type=tp, choices=choices,
-                               default=argparse.SUPPRESS, help=doc)
+                               default=argparse.SUPPRESS, metavar=_metavar(extras[f.name]), help=doc)
 
 
 def add_run_flags(parser: argparse.ArgumentParser, run_cls: type, *, prefixes: dict[str, str] | None = None,

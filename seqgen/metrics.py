@@ -34,6 +34,14 @@ def _ref_streams(hyps: Sequence[str], refs: Sequence[str] | Sequence[Sequence[st
     return streams
 
 
+def _sacrebleu(metric, hyps: Sequence[str], streams: list[list[str]]) -> dict:
+    """One sacreBLEU corpus score as data: {"score", "name", "signature", "line"} (see `corpus_scores`)."""
+    score = metric.corpus_score(list(hyps), streams)
+    signature = str(metric.get_signature())
+    return {"score": score.score, "name": score.name, "signature": signature,
+            "line": score.format(signature=signature)}
+
+
 def corpus_bleu(hyps: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]]) -> dict:
     """sacrebleu corpus BLEU (default 13a tokenization, case-sensitive).
 
@@ -41,21 +49,42 @@ def corpus_bleu(hyps: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str
     Returns {"bleu": float 0..100, "signature": str}.
     """
     from sacrebleu.metrics import BLEU
-    metric = BLEU()
-    score = metric.corpus_score(list(hyps), _ref_streams(hyps, refs))
-    return {"bleu": score.score, "signature": str(metric.get_signature())}
+    out = _sacrebleu(BLEU(), hyps, _ref_streams(hyps, refs))
+    return {"bleu": out["score"], "signature": out["signature"]}
 
 
 def corpus_chrf(hyps: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]]) -> dict:
     """sacrebleu corpus chrF. refs as in `corpus_bleu`. Returns {"chrf": float 0..100, "signature": str}."""
     from sacrebleu.metrics import CHRF
-    metric = CHRF()
-    score = metric.corpus_score(list(hyps), _ref_streams(hyps, refs))
-    return {"chrf": score.score, "signature": str(metric.get_signature())}
+    out = _sacrebleu(CHRF(), hyps, _ref_streams(hyps, refs))
+    return {"chrf": out["score"], "signature": out["signature"]}
 
 
-def perplexity(mean_nll: float) -> float:
-    """exp(mean negative log-likelihood per token, in nats); inf instead of an overflow."""
+def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+    """sacreBLEU BLEU and chrF (defaults: cased, 13a) of one reference stream, as data.
+
+    Returns {"bleu", "chrf": float 0..100; "bleu_signature", "chrf_signature": the signature as sacreBLEU
+    prints it, metric name first ("BLEU|nrefs:1|case:mixed|..."); "bleu_line", "chrf_line": sacreBLEU's
+    report lines ("BLEU|nrefs:1|... = 35.20 66.7/41.2/27.5/18.9 (BP = ...)")}.
+    """
+    from sacrebleu.metrics import BLEU, CHRF
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    out: dict = {}
+    for key, metric in (("bleu", BLEU()), ("chrf", CHRF())):
+        s = _sacrebleu(metric, hypotheses, [list(references)])
+        out.update({key: s["score"], f"{key}_signature": f"{s['name']}|{s['signature']}", f"{key}_line": s["line"]})
+    return out
+
+
+def perplexity(mean_nll: float, *, finite: bool = False) -> float:
+    """exp(mean negative log-likelihood per token, in nats); inf instead of an overflow.
+
+    finite: cap the exponent at 50 (exp(50) ~ 5e21), so that a diverged run still logs a number that JSON
+    can hold (the validation metrics of the Trainer).
+    """
+    if finite:
+        mean_nll = min(mean_nll, 50.0)
     try:
         return math.exp(mean_nll)
     except OverflowError:

@@ -1,6 +1,8 @@
 """Seq2Seq = encoder (text RNN | image CNN | none) + the shared RNNDecoder + tokenizers.
 
-This is the one place where a config becomes modules, and where a checkpoint becomes a model.
+This is the one place where a config becomes modules, and where a checkpoint becomes a model. `Ensemble`
+is several trained models of one task decoded as one (decoders/ensemble.py averages their probabilities);
+`load_model("a.pt,b.pt")` or `load_model(["a.pt", "b.pt"])` returns one.
 """
 from __future__ import annotations
 
@@ -18,13 +20,17 @@ from seqgen.checkpoint import load_checkpoint
 from seqgen.config import from_dict, to_dict
 from seqgen.data.batch import Batch
 from seqgen.decoders import search
-from seqgen.decoders.rnn import SMALL_BATCH, DecoderConfig, RNNDecoder
+from seqgen.decoders.ensemble import EnsembleDecoder, EnsembleEncoding
+from seqgen.decoders.fast_step import SMALL_BATCH
+from seqgen.decoders.rnn import DecoderConfig, RNNDecoder
 from seqgen.decoders.search import Hypothesis
 from seqgen.encoders.base import EncoderOutput
-from seqgen.encoders.cnn import CNNEncoderConfig
-from seqgen.encoders.rnn import RNNEncoderConfig
+from seqgen.encoders.cnn import CNNEncoderConfig, CNNImageEncoder
+from seqgen.encoders.rnn import RNNEncoderConfig, RNNTextEncoder
 from seqgen.errors import SeqgenError
-from seqgen.precision import AMP_CHOICES, autocast, autocast_dtype
+from seqgen.generation import GenerationConfig
+from seqgen.inference import captioning, translation
+from seqgen.precision import autocast, autocast_dtype
 from seqgen.tokenizers import TextCodec
 
 Task = Literal["lm", "translation", "captioning"]
@@ -32,79 +38,18 @@ Task = Literal["lm", "translation", "captioning"]
 
 @dataclass
 class ModelConfig:
+    """What a model is, as every checkpoint stores it.
+
+    task:          lm, translation or captioning
+    decoder:       the shared decoder
+    text_encoder:  translation: the text encoder (None otherwise)
+    image_encoder: captioning: the image encoder (None otherwise)
+    """
+
     task: Task = "lm"
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    text_encoder: RNNEncoderConfig | None = None    # translation
-    image_encoder: CNNEncoderConfig | None = None   # captioning
-
-
-@dataclass
-class GenerationConfig:
-    """How to decode: greedy (default), beam search (beam > 1) or sampling (temperature > 0)."""
-
-    beam: int = 1
-    temperature: float = 0.0       # 0 = deterministic (greedy or beam); > 0 = sample
-    top_k: int = 0                 # sampling: keep the k most likely tokens (0 = all)
-    top_p: float = 1.0             # sampling: keep the smallest set with probability >= p
-    max_len: int = 100
-    min_len: int = 0
-    length_penalty: float = 1.0    # beam: GNMT alpha; 0 = raw log-probability
-    n_best: int = 1
-    no_repeat_ngram: int = 0
-    # Autocast while decoding, as in training: auto = bf16 where the hardware has it natively (about 2x faster
-    # beam search on an AVX512-BF16 CPU, same BLEU; docs/performance.md), except for CPU searches of at most
-    # SMALL_BATCH rows (memory-bound: float32 is faster). Under bf16 a result can depend on what it is batched
-    # with (rounding); "off" decodes in float32, batch-independent to 1e-5.
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-
-    def validate(self) -> None:
-        if self.beam < 1:
-            raise SeqgenError(f"--beam must be >= 1, got {self.beam}")
-        if self.temperature < 0:
-            raise SeqgenError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.temperature > 0 and self.beam > 1:
-            raise SeqgenError("choose either --beam N (search) or --temperature T (sampling), not both")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SeqgenError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.max_len < 1:
-            raise SeqgenError(f"--max-len must be >= 1, got {self.max_len}")
-        if self.n_best > self.beam:
-            raise SeqgenError(f"--n-best ({self.n_best}) cannot exceed --beam ({self.beam})")
-        if self.amp not in AMP_CHOICES:
-            raise SeqgenError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
-
-
-def decoding_config(given: dict, *, greedy: bool = False, sample: bool = False,
-                    defaults: dict | None = None) -> GenerationConfig:
-    """The GenerationConfig a command means, from the options a user gave (`given`: only those typed).
-
-    Searching commands (translate, caption: sample=False) run beam 5 unless given --greedy, --beam N or
-    --temperature T; `generate` (sample=True) samples at temperature 0.8 unless given --greedy or --beam N.
-    defaults: the task's own defaults for options not given (captioning: max_len, no_repeat_ngram).
-    One implementation for the CLI and the server, so both mean the same by the same options.
-    """
-    options = {**{k: v for k, v in (defaults or {}).items() if k not in given}, **given}
-    beam_given = "beam" in given and given["beam"] > 1
-    temperature = given.get("temperature")
-    if greedy:
-        if beam_given or (temperature or 0) > 0:
-            raise SeqgenError("--greedy cannot be combined with --beam N or --temperature T")
-        options.update(beam=1, temperature=0.0)
-    elif sample:
-        if beam_given:
-            if (temperature or 0) > 0:
-                raise SeqgenError("--temperature samples; it cannot be combined with --beam or --greedy")
-            options["temperature"] = 0.0
-        elif temperature is None:
-            options["temperature"] = 0.8
-        elif temperature <= 0:
-            raise SeqgenError(f"--temperature must be > 0 when sampling (got {temperature}); "
-                              f"use --greedy for deterministic output")
-    elif not temperature and "beam" not in given:
-        options["beam"] = 5
-    gen = GenerationConfig(**options)
-    gen.validate()
-    return gen
+    text_encoder: RNNEncoderConfig | None = None
+    image_encoder: CNNEncoderConfig | None = None
 
 
 def build_encoder(cfg: ModelConfig, src: TextCodec | None) -> nn.Module | None:
@@ -112,11 +57,9 @@ def build_encoder(cfg: ModelConfig, src: TextCodec | None) -> nn.Module | None:
     if cfg.task == "lm":
         return None
     if cfg.task == "translation":
-        from seqgen.encoders.rnn import RNNTextEncoder
         if cfg.text_encoder is None or src is None:
             raise SeqgenError("a translation model needs a text encoder config and a source vocabulary")
         return RNNTextEncoder(cfg.text_encoder, len(src.vocab), pad_id=src.vocab.pad)
-    from seqgen.encoders.cnn import CNNImageEncoder
     if cfg.image_encoder is None:
         raise SeqgenError("a captioning model needs an image encoder config")
     return CNNImageEncoder(cfg.image_encoder)
@@ -175,12 +118,12 @@ class Seq2Seq(nn.Module):
         gen.validate()
         amp = gen.amp
         if amp == "auto" and self.device.type == "cpu" and _num_inputs(source, batch_size) * gen.beam <= SMALL_BATCH:
-            amp = "off"   # memory-bound steps: bf16 saves no time and autocast adds a cast per op (~10% slower)
+            amp = "off"   # memory-bound steps: bf16 saves no time and autocast adds a cast per op
         # inference_mode is cheaper per op than no_grad (decoding is many small ops), but autocast caches its
         # low-precision copies of the weights only outside it: under inference_mode every step re-cast every weight.
         no_grad = torch.no_grad() if autocast_dtype(amp, self.device) is not None else torch.inference_mode()
-        # Only a model in training mode is switched: train()/eval() walk every module (for a CNN encoder ~5 ms,
-        # which per batch of a folder run is more than the writing costs).
+        # Only a model in training mode is switched: train()/eval() walk every module, which for a CNN encoder
+        # costs more per batch of a folder run than the writing does.
         was_training = self.training
         if was_training:
             self.eval()
@@ -212,16 +155,16 @@ class Seq2Seq(nn.Module):
             hyps = search.greedy(self.decoder, state, enc, **common)
         return [[h] for h in hyps]
 
-    # -- task APIs (thin: the work is in seqgen.tasks.*) ---------------------------------------------
+    # -- task APIs (thin: the work is in seqgen.inference, which never imports this module) -------------
     def translate(self, sentences: list[str], *, beam: int = 5, batch_size: int = 64, **gen_options) -> list[str]:
-        """Translate source sentences; returns detokenized target sentences (see tasks.translation)."""
-        from seqgen.tasks.translation import translate
-        return translate(self, sentences, GenerationConfig(beam=beam, **gen_options), batch_size=batch_size)
+        """Translate source sentences; returns detokenized target sentences (see seqgen.inference.translation)."""
+        return translation.translate(self, sentences, GenerationConfig(beam=beam, **gen_options),
+                                     batch_size=batch_size)
 
     def caption(self, images: list, *, beam: int = 5, batch_size: int = 64, **gen_options) -> list[str]:
-        """Caption image paths or PIL images; returns one caption per image (see tasks.captioning)."""
-        from seqgen.tasks.captioning import caption_images, default_caption_gen
-        return caption_images(self, images, default_caption_gen(beam=beam, **gen_options), batch_size=batch_size)
+        """Caption image paths or PIL images; returns one caption per image (see seqgen.inference.captioning)."""
+        return captioning.caption_images(self, images, captioning.default_caption_gen(beam=beam, **gen_options),
+                                         batch_size=batch_size)
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def to_payload(self) -> dict:
@@ -306,7 +249,6 @@ def load_model(path: str | Sequence[str], *, device: str | torch.device = "cpu",
     """
     paths = model_list(path)
     if len(paths) > 1:
-        from seqgen.ensemble import Ensemble
         return Ensemble([load_model(p, device=device, task=task) for p in paths], names=paths)
     path = paths[0]
     from seqgen.zoo import resolve
@@ -315,5 +257,61 @@ def load_model(path: str | Sequence[str], *, device: str | torch.device = "cpu",
     found = payload.get("task")
     if task is not None and found != task:
         what = TASK_COMMANDS.get(found, f"a {found!r} model")
-        raise SeqgenError(f"{name} is {what}; this needs a {task} model")
+        raise SeqgenError(f"{name} is {what}; this needs {TASK_COMMANDS[task].split(':')[0]}")
     return Seq2Seq.from_payload(payload, where=path).to(device).eval()
+
+
+# -- ensembles: several models of one task decoded as one ----------------------------------------------
+
+class _EnsembleEncoder(nn.Module):
+    def __init__(self, members: Sequence[Seq2Seq]):
+        super().__init__()
+        self.members = list(members)       # registered by the Ensemble's ModuleList, not twice here
+
+    def forward(self, source: Tensor, lengths: Tensor | None = None) -> EnsembleEncoding:
+        return EnsembleEncoding([m.encode(source, lengths) for m in self.members])
+
+
+def check_compatible(members: Sequence[Seq2Seq], names: Sequence[str]) -> None:
+    """SeqgenError naming the first member that cannot join the first one, and why."""
+    first, name0 = members[0], names[0]
+    for m, name in zip(members[1:], names[1:]):
+        if m.config.task != first.config.task:
+            raise SeqgenError(f"cannot ensemble {name0} ({first.config.task}) with {name} ({m.config.task}): "
+                              f"the models must do the same task")
+        if m.tgt != first.tgt:
+            raise SeqgenError(f"cannot ensemble {name0} with {name}: their target vocabularies differ "
+                              f"({len(first.tgt.vocab)} vs {len(m.tgt.vocab)} tokens); members must share it")
+        if first.config.task == "translation" and m.src != first.src:
+            raise SeqgenError(f"cannot ensemble {name0} with {name}: their source vocabularies differ")
+        if first.config.task == "captioning":
+            a, b = first.config.image_encoder.image_size, m.config.image_encoder.image_size
+            if a != b:
+                raise SeqgenError(f"cannot ensemble {name0} with {name}: image sizes differ ({a} vs {b})")
+
+
+class Ensemble(Seq2Seq):
+    """Several Seq2Seq models of one task as one (see the module docstring)."""
+
+    def __init__(self, members: Sequence[Seq2Seq], names: Sequence[str] | None = None):
+        nn.Module.__init__(self)
+        if not members:
+            raise SeqgenError("an ensemble needs at least one model")
+        names = list(names or [f"model {i + 1}" for i in range(len(members))])
+        check_compatible(members, names)
+        first = members[0]
+        self.config, self.tgt, self.src = first.config, first.tgt, first.src
+        self.members = nn.ModuleList(members)
+        self.encoder = _EnsembleEncoder(members) if first.encoder is not None else None
+        self.decoder = EnsembleDecoder([m.decoder for m in members])
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    def forward(self, batch):
+        raise SeqgenError("an ensemble decodes; train its members one by one")
+
+    def to_payload(self) -> dict:
+        raise SeqgenError("an ensemble is not saved as one checkpoint: average compatible checkpoints with "
+                          "`seqgen average`, or pass the members again")

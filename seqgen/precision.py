@@ -25,10 +25,9 @@ def native_bf16(device: torch.device) -> bool:
 def autocast_dtype(amp: str, device: torch.device, *, bf16: bool | None = None) -> torch.dtype | None:
     """The autocast dtype of an `--amp` setting (TrainConfig.amp, GenerationConfig.amp) on `device`; None = no autocast (float32 throughout).
 
-    auto: bfloat16 where the hardware has it (`native_bf16`), else off. Measured on a 2-core AMD EPYC with
-    AVX512-BF16, one thread: bf16 autocast trained a GRU translation model 2.3x and a char LSTM LM 1.5x
-    faster than float32, with the same loss curves. fp16 needs loss scaling (the Trainer's GradScaler) and
-    is for GPUs without bf16. bf16: whether `device` has native bfloat16 (for tests; default asks it).
+    auto: bfloat16 where the hardware has it (`native_bf16`), else off: there it trains and decodes about twice
+    as fast as float32 with the same loss curves and BLEU (docs/performance.md, "bfloat16 on this CPU"). fp16
+    needs loss scaling (the Trainer's GradScaler) and is for GPUs without bf16. bf16: whether `device` has native bfloat16 (for tests; default asks it).
     """
     if amp not in AMP_CHOICES:
         raise SeqgenError(f"--amp must be one of auto, off, bf16, fp16, got {amp!r}")

@@ -14,6 +14,11 @@ world W and accumulate A trains exactly like one with world 1 and accumulate W x
 the checkpoint counts batches of the global list, so a checkpoint resumes with any number of processes.
 Dropout masks come from a seed per (seed, step, batch slot in the step), never from saved RNG state, so
 resumed and uninterrupted runs, and runs with the same global batch on any world size, draw the same masks.
+
+The module is over 500 lines because the loop's parts (the step, evaluation, checkpoints, resume, the
+data-parallel bookkeeping) all read and write one TrainState and rely on each other's invariants, and its
+TrainConfig documents each of its 24 fields (the text of their --help); what does not need the loop's state
+(run folders, resuming a run's config) is in seqgen/runs.py.
 """
 from __future__ import annotations
 
@@ -31,43 +36,76 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from seqgen.checkpoint import load_checkpoint, remove_partial_writes, save_checkpoint
-from seqgen.config import from_dict, merge, to_dict
+from seqgen.atomic import atomic_write, remove_partial_writes
+from seqgen.checkpoint import load_checkpoint, save_checkpoint
+from seqgen.config import Device, from_dict, to_dict
 from seqgen.data.batch import Batch
 from seqgen.data.batching import shard_positions
-from seqgen.distributed import Distributed, resolve_device, setup  # noqa: F401  (resolve_device: re-exported)
+from seqgen.distributed import Distributed, setup
 from seqgen.ema import WeightEMA
-from seqgen.precision import autocast_dtype, native_bf16  # noqa: F401  (re-exported)
 from seqgen.errors import SeqgenError, is_out_of_memory, report_out_of_memory
+from seqgen.log import Log, quiet, warning
 from seqgen.model import Seq2Seq
+from seqgen.precision import autocast_dtype
 
 
 @dataclass
 class TrainConfig:
+    """How the Trainer trains: optimiser, learning-rate schedule, stopping, checkpoints, precision, device.
+
+    lr:               peak learning rate (AdamW), reached at the end of the warmup
+    weight_decay:     AdamW weight decay (biases, norms and embeddings are not decayed)
+    clip_norm:        clip the gradients' global norm to this; 0 = no clipping
+    schedule:         the learning rate after the warmup: constant; cosine decay over max_steps, max_epochs or
+                      the time budget, whichever ends first; or lowered on plateaus of the validation metric
+    warmup_steps:     steps of linear warmup to lr
+    min_lr_ratio:     cosine: the schedule ends at lr x this
+    plateau_factor:   plateau: lr is multiplied by this after plateau_patience evaluations without improvement
+    plateau_patience: plateau: evaluations without improvement before lr is lowered
+    label_smoothing:  label smoothing of the training loss
+    ema:              decay of a moving average of the weights that validation and best.pt use (e.g. 0.999);
+                      0 = validate the training weights themselves
+    max_steps:        stop after this many optimizer steps
+    max_epochs:       stop after this many passes over the training data
+    time_budget:      stop after this many minutes of training (evaluation excluded); 0 = no limit
+    eval_every:       validate, and keep best.pt, every this many steps
+    log_every:        log the training loss and speed every this many steps
+    checkpoint_every: save last.pt every this many steps (and at every evaluation)
+    patience:         early stopping: evaluations without improvement before training stops; 0 = never
+    max_bad_steps:    consecutive non-finite losses (skipped steps) before training stops
+    accumulate:       batches per process per optimizer step (a step trains on processes x accumulate batches)
+    amp:              autocast: auto = bfloat16 where the hardware has it natively, else float32; fp16 (with
+                      loss scaling) for GPUs without bf16; off = float32
+    compile:          torch.compile the training forward (falls back to eager with a warning)
+    seed:             random seed of initialisation, data order and dropout
+    device:           auto (the first GPU if there is one, else the CPU), cpu, cuda or cuda:N; under torchrun
+                      auto and cuda mean the GPU of each process's LOCAL_RANK
+    progress:         show a progress bar
+    """
+
     lr: float = 2e-3
     weight_decay: float = 0.01
     clip_norm: float = 1.0
     schedule: Literal["constant", "cosine", "plateau"] = "cosine"
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1        # cosine ends at lr * min_lr_ratio
-    plateau_factor: float = 0.5      # plateau: lr *= factor after `plateau_patience` evals without improvement
+    min_lr_ratio: float = 0.1
+    plateau_factor: float = 0.5
     plateau_patience: int = 2
     label_smoothing: float = 0.0
-    ema: float = 0.0                 # decay of a moving average of the weights used to validate and for best.pt
-                                     # (e.g. 0.999); 0 = validate the training weights themselves
+    ema: float = 0.0
     max_steps: int = 5000
     max_epochs: int = 1000
-    time_budget: float = 0.0         # minutes of training (evaluation excluded); 0 = no limit
+    time_budget: float = 0.0
     eval_every: int = 500
     log_every: int = 50
     checkpoint_every: int = 500
-    patience: int = 0                # early stopping: evals without improvement before stopping; 0 = never
-    max_bad_steps: int = 5           # consecutive non-finite losses before training stops
-    accumulate: int = 1              # batches per process per optimizer step (a step: processes x accumulate)
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"   # autocast; auto = bf16 where the hardware has it
-    compile: bool = False            # torch.compile the training forward (falls back to eager with a warning)
+    patience: int = 0
+    max_bad_steps: int = 5
+    accumulate: int = 1
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    compile: bool = False
     seed: int = 1
-    device: str = "auto"             # under torchrun: auto/cuda = the GPU of each process's LOCAL_RANK
+    device: Device = "auto"
     progress: bool = True
 
 
@@ -148,10 +186,6 @@ class _TrainingLoss(nn.Module):
         return self.model.loss(batch, self.label_smoothing)[0]
 
 
-def _silent(_message: str) -> None:
-    pass
-
-
 def _steps_of(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
     """Consecutive groups of `size` batches (one optimizer step's share of this process)."""
     it = iter(batches)
@@ -169,7 +203,7 @@ class Trainer:
 
     def __init__(self, model: Seq2Seq, data: BatchSource, evaluate: Evaluate, cfg: TrainConfig,
                  out_dir: str, *, metric: str = "loss", mode: Literal["min", "max"] = "min",
-                 run_config: dict | None = None, log: Callable[[str], None] | None = None,
+                 run_config: dict | None = None, log: Log | None = None,
                  dist: Distributed | None = None, objective: nn.Module | None = None):
         if cfg.accumulate < 1:
             raise SeqgenError(f"--accumulate must be >= 1, got {cfg.accumulate}")
@@ -195,7 +229,8 @@ class Trainer:
         self.state = TrainState()
         self._wall0 = time.perf_counter()
         self._mark = self._wall0           # end of the last step's bookkeeping: train_seconds counts from it
-        self.log = (log or (lambda msg: tqdm.write(msg))) if self.dist.is_main else _silent
+        # tqdm.write, not stderr, by default: lines between progress-bar updates (see seqgen.log)
+        self.log = (log or (lambda msg: tqdm.write(msg))) if self.dist.is_main else quiet
         self.last_path = os.path.join(out_dir, "last.pt")
         self.best_path = os.path.join(out_dir, "best.pt")
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -304,10 +339,7 @@ class Trainer:
                 rec = json.loads(line)
                 if rec.get("step", 0) < step or (rec.get("step", 0) == step and "skipped" not in rec):
                     kept.append(line)
-        tmp = self.metrics_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.metrics_path)
+        atomic_write(self.metrics_path, lambda f: f.writelines(kept), mode="w", encoding="utf-8")
 
     def _write_metrics(self, record: dict) -> None:
         if not self.dist.is_main:
@@ -390,7 +422,7 @@ class Trainer:
             if isinstance(e, SeqgenError) or is_out_of_memory(e):
                 raise
             first = (str(e).strip().splitlines() or [""])[0][:160]
-            self.log(f"seqgen: warning: --compile failed ({type(e).__name__}: {first}); training without it")
+            self.log(warning(f"--compile failed ({type(e).__name__}: {first}); training without it"))
             self._forward = self._eager
             return self._eager(batch)
 
@@ -513,66 +545,6 @@ class Trainer:
             self._eval_and_share()
             self.save()
         return st
-
-
-def check_out_dir(out_dir: str, resume: bool) -> str | None:
-    """Refuse to overwrite a previous run; with resume, return the checkpoint to continue from.
-
-    With resume, a folder that exists but holds no checkpoint yet is a run killed before its first one
-    (written before the first step): None, the run starts over, so that rerunning with --resume after a
-    kill always works. A folder that does not exist is more likely a typo and stays an error.
-    """
-    last = os.path.join(out_dir, "last.pt")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise SeqgenError(f"--out {out_dir}: exists and is not a folder; choose another --out")
-    if resume:
-        if os.path.exists(last):
-            return last
-        if not os.path.isdir(out_dir):
-            raise SeqgenError(f"--resume: {out_dir} does not exist (nothing to resume); drop --resume to start")
-        if os.path.exists(os.path.join(out_dir, "best.pt")):
-            raise SeqgenError(f"--resume: {out_dir} has a best.pt but no last.pt (it holds the trainer state); "
-                              f"start a new run in another --out (nothing was changed)")
-        return None
-    if os.path.exists(last) or os.path.exists(os.path.join(out_dir, "best.pt")):
-        raise SeqgenError(f"{out_dir} already holds a trained model; pass --resume to continue it "
-                          f"or choose another --out (nothing was overwritten)")
-    return None
-
-
-def check_resume_overrides(saved: dict, overrides: dict, path: str, *, vocab_keys: tuple[str, ...],
-                           model_sections: tuple[str, ...] = ("encoder", "decoder")) -> None:
-    """Refuse settings that cannot change when resuming from `path`.
-
-    saved: the run config stored in the checkpoint; overrides: what the user gave now (YAML + flags).
-    vocab_keys: data keys the vocabulary was built from; model_sections: config sections that shape the weights.
-    """
-    data = overrides.get("data", {})
-    changed = [k for k in vocab_keys if k in data and data[k] != saved.get("data", {}).get(k)]
-    if changed:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise SeqgenError(f"{path}: {flags} cannot change on --resume: the checkpoint's vocabulary was built with "
-                          f"the old value(s); start a new run in another --out (nothing was changed)")
-    for section in model_sections:
-        diff = [k for k, v in overrides.get(section, {}).items() if v != saved.get(section, {}).get(k)]
-        if diff:
-            raise SeqgenError(f"{path}: the {section} ({', '.join(diff)}) cannot change on --resume; "
-                              f"start a new run in another --out (nothing was changed)")
-
-
-def load_resume_run(path: str, task: str, run_cls: type, overrides: dict | None, *, vocab_keys: tuple[str, ...],
-                    model_sections: tuple[str, ...] = ("encoder", "decoder")) -> tuple[object, Seq2Seq]:
-    """For --resume: the run config saved in `path` with the user's `overrides` applied, and the model.
-
-    Refuses a checkpoint of another task and overrides that would change the vocabulary or the weights' shapes.
-    """
-    payload = load_checkpoint(path)
-    if payload.get("task") != task:
-        raise SeqgenError(f"{path}: is a {payload.get('task')!r} checkpoint, cannot resume a {task!r} run from it")
-    saved = json.loads(payload["run_config"])
-    check_resume_overrides(saved, overrides or {}, path, vocab_keys=vocab_keys, model_sections=model_sections)
-    run = from_dict(run_cls, merge(saved, overrides or {}), where=f"{path} run config")
-    return run, Seq2Seq.from_payload(payload, where=path)
 
 
 def seed_everything(seed: int) -> None:

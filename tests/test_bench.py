@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from seqgen.bench import cnn_flops, decoder_flops, forward_flops, rnn_flops, text_encoder_flops
 from seqgen.cli import main
 from seqgen.data.batch import Batch
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.encoders.cnn import CNNEncoderConfig, CNNImageEncoder
 from seqgen.encoders.rnn import RNNEncoderConfig
+from seqgen.flops import cnn_flops, decoder_flops, forward_flops, rnn_flops, text_encoder_flops
 from seqgen.model import ModelConfig, Seq2Seq
 from seqgen.tokenizers import TextCodec
 

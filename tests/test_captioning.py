@@ -12,14 +12,17 @@ from PIL import Image, ImageDraw
 
 from seqgen.data.batch import Batch
 from seqgen.data.batching import pad_sequences
+from seqgen.data.captions import CaptionDataConfig, CaptionExamples, load_splits
 from seqgen.data.features import FeatureCache
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.encoders.cnn import CNNEncoderConfig, CNNImageEncoder, build_transform
 from seqgen.errors import SeqgenError
-from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq, load_model
-from seqgen.tasks import captioning
-from seqgen.tasks.captioning import (CaptionDataConfig, CaptionExamples, CaptionRunConfig, caption_folder,
-                                     caption_images, caption_images_full, load_splits, read_done, train_captioning)
+from seqgen.generation import GenerationConfig
+from seqgen.inference.captioning import caption_images, caption_images_full, caption_tensor
+from seqgen.model import ModelConfig, Seq2Seq, load_model
+from seqgen.tasks import caption_folder as folder_module
+from seqgen.tasks.caption_folder import caption_folder, read_done
+from seqgen.tasks.captioning import CaptionRunConfig, train_captioning
 from seqgen.tokenizers import TextCodec
 from seqgen.train import TrainConfig
 
@@ -180,8 +183,8 @@ def test_cached_features_equal_live_features(shapes, tmp_path):
         cached_logits = model(Batch(target=target, source=cached))
     assert torch.allclose(live_logits, cached_logits, atol=1e-5)
     gen = GenerationConfig(beam=3, max_len=8, amp="off")   # the cache holds float32 CNN features
-    live = captioning.caption_tensor(model, images, gen)
-    from_cache = captioning.caption_tensor(model, cached, gen)
+    live = caption_tensor(model, images, gen)
+    from_cache = caption_tensor(model, cached, gen)
     assert [c.text for c in live] == [c.text for c in from_cache]
     assert all(abs(a.score - b.score) < 1e-5 for a, b in zip(live, from_cache))
 
@@ -291,7 +294,7 @@ def test_killed_run_resumes_and_captions_each_image_once(trained, tmp_path, monk
     out = tmp_path / "caps.jsonl"
     gen = GenerationConfig(beam=2, max_len=12)
     calls = {"n": 0}
-    real = captioning.caption_tensor
+    real = folder_module.caption_tensor
 
     def dies_on_third_batch(*a, **k):
         calls["n"] += 1
@@ -299,7 +302,7 @@ def test_killed_run_resumes_and_captions_each_image_once(trained, tmp_path, monk
             raise KeyboardInterrupt       # a kill between two flushed batches
         return real(*a, **k)
 
-    monkeypatch.setattr(captioning, "caption_tensor", dies_on_third_batch)
+    monkeypatch.setattr(folder_module, "caption_tensor", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         caption_folder(model, [str(folder)], str(out), gen, batch_size=5, num_workers=2,
                        progress=False, log=lambda m: None)

@@ -83,3 +83,19 @@ def test_text_and_empty_files_are_not_checkpoints(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(SeqgenError, match="not a seqgen checkpoint"):
             load_checkpoint(str(tmp_path / name))
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    """The one write every whole file goes through (seqgen.atomic): text or bytes, and a writer that fails
+    half-way leaves the old file and no temp file."""
+    from seqgen.atomic import atomic_write
+    path = tmp_path / "sub" / "out.txt"
+    atomic_write(str(path), lambda f: f.write("één\n"), mode="w", encoding="utf-8")
+    assert path.read_text(encoding="utf-8") == "één\n"
+
+    def half_then_fail(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        atomic_write(str(path), half_then_fail)
+    assert path.read_text(encoding="utf-8") == "één\n" and os.listdir(path.parent) == ["out.txt"]

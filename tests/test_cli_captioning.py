@@ -79,7 +79,7 @@ def test_caption_errors(cli_run, tmp_path, capsys):
     lm = Seq2Seq(ModelConfig(task="lm", decoder=DecoderConfig(emb=8, hidden=8)), tgt=codec)
     save_checkpoint(str(tmp_path / "lm.pt"), lm.to_payload())
     cases = [
-        ([tmp_path / "lm.pt", d / "images", "--out", tmp_path / "a.jsonl"], "'lm' checkpoint"),
+        ([tmp_path / "lm.pt", d / "images", "--out", tmp_path / "a.jsonl"], "is a language model: use it with `seqgen generate`; this needs an image captioning model"),
         ([out / "best.pt", d / "images", "--out", tmp_path / "a.txt"], "use .jsonl or .csv"),
         ([out / "best.pt", tmp_path / "nope", "--out", tmp_path / "a.jsonl"], "no such file or folder"),
         ([out / "best.pt", d / "images", "--out", tmp_path / "a.jsonl", "--beam", 0], "--beam must be >= 1"),

@@ -119,5 +119,5 @@ def test_checkpoint_of_another_task_is_refused(tmp_path):
                                 text_encoder=RNNEncoderConfig(emb=8, hidden=8)), tgt=codec, src=codec)
     save_checkpoint(str(tmp_path / "mt.pt"), model.to_payload())
     proc = run_cli("generate", tmp_path / "mt.pt", "--prompt", "a", check=False)
-    assert proc.returncode == 2 and "'translation' checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "is a translation model: use it with `seqgen translate` or `seqgen evaluate`; this needs a language model" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -118,7 +118,7 @@ def test_decoding_bad_inputs_are_one_clear_line(trained, tmp_path):
         (["evaluate", out / "best.pt", "--src", files["test_src"], "--ref", short],
          f"{files['test_src']} has 80 lines but {short} has 5"),
         (["translate", out / "best.pt", latin], f"{latin}:2:3: invalid UTF-8"),
-        (["translate", tmp_path / "lm.pt", files["test_src"]], "'lm' checkpoint, but a 'translation' model"),
+        (["translate", tmp_path / "lm.pt", files["test_src"]], "is a language model: use it with `seqgen generate`; this needs a translation model"),
         (["translate", out / "best.pt", files["test_src"], "--greedy", "--beam", 4], "--greedy cannot"),
     ]:
         assert_one_line_error(args, message)

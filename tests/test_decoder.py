@@ -55,7 +55,7 @@ def test_forward_equals_repeated_step(kw, mode):
                 steps[t], state = dec.step(tokens[:, t], state, enc_p)
     finally:
         torch.set_num_threads(threads)
-    assert ("_gates_cache" in dec.__dict__) == (mode == "no_grad_batch_7")
+    assert dec.fast_step.has_gate_table == (mode == "no_grad_batch_7")
     state_h = state.h
     state = dec.init_state(enc, B)
     for t in range(T):
@@ -204,7 +204,8 @@ def test_bahdanau_scores_are_v_tanh_of_query_plus_key():
 def test_beams_share_the_encoder_memory(kw):
     """EncoderOutput.repeat_batch copies nothing: the beams of an input read its one memory row, with the same
     results as a memory copied per beam; selecting whole inputs keeps the sharing, any other rows copy."""
-    from seqgen.decoders.state import map_tensors, repeat_batch, select_batch
+    from seqgen.decoders.state import repeat_batch, select_batch
+    from seqgen.tensors import map_tensors
     torch.manual_seed(0)
     dec = RNNDecoder(DecoderConfig(**{"emb": 16, "hidden": 20, "dropout": 0.0, **kw}), V, enc_state_size=HE,
                      memory_size=HE).eval()

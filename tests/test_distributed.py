@@ -36,14 +36,16 @@ import torch.multiprocessing as tmp
 from seqgen.checkpoint import load_checkpoint
 from seqgen.data.batch import Batch
 from seqgen.data.batching import pad_sequences, shard_positions
+from seqgen.data.parallel import ParallelBatches
 from seqgen.decoders.rnn import DecoderConfig, RNNDecoder
 from seqgen.distributed import Distributed, LaunchInfo, backend_for, choose_device, launch_info, setup
 from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import SeqgenError
 from seqgen.model import ModelConfig, Seq2Seq
-from seqgen.tasks.translation import ParallelBatches, encode_source
+from seqgen.precision import autocast_dtype, native_bf16
+from seqgen.tasks.translation import encode_source
 from seqgen.tokenizers import TextCodec
-from seqgen.train import TrainConfig, Trainer, autocast_dtype, native_bf16
+from seqgen.train import TrainConfig, Trainer
 
 STEPS, CUT = 8, 3     # steps of a full run; the step the interrupted runs stop at (an evaluation step:
                       # a run that stops evaluates, and with the plateau schedule evaluations set the LR)

@@ -6,11 +6,12 @@ from seqgen.average import average_models
 from seqgen.checkpoint import save_checkpoint
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.encoders.rnn import RNNEncoderConfig
-from seqgen.ensemble import Ensemble
+from seqgen.model import Ensemble
 from seqgen.errors import SeqgenError
-from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq, load_model
-from seqgen.tasks.lm import generate_text
-from seqgen.tasks.translation import translate_nbest
+from seqgen.generation import GenerationConfig
+from seqgen.model import ModelConfig, Seq2Seq, load_model
+from seqgen.inference.lm import generate_text
+from seqgen.inference.translation import translate_nbest
 from seqgen.tokenizers import TextCodec
 from test_serve import WORDS
 

@@ -30,17 +30,20 @@ import pytest
 import torch
 from conftest import write_image_folder, write_tiny_captioner
 
-from seqgen.checkpoint import load_checkpoint, remove_partial_writes, save_checkpoint
+from seqgen.atomic import remove_partial_writes
+from seqgen.checkpoint import load_checkpoint, save_checkpoint
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import OutOfMemory, SeqgenError, report_out_of_memory
-from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
+from seqgen.generation import GenerationConfig
+from seqgen.model import ModelConfig, Seq2Seq
+from seqgen.runs import check_out_dir
 from seqgen.tokenizers import TextCodec
-from seqgen.train import check_out_dir
 
 # Children are forked from a server that imported these once (see the module docstring).
 _CHILDREN = multiprocessing.get_context("forkserver")
-_CHILDREN.set_forkserver_preload(["seqgen.cli", "seqgen.tasks.lm", "seqgen.tasks.captioning"])
+_CHILDREN.set_forkserver_preload(["seqgen.cli", "seqgen.tasks.lm", "seqgen.tasks.captioning",
+                                  "seqgen.tasks.caption_folder"])
 
 
 # -- the kill switch (runs inside a child) ----------------------------------------------------------------
@@ -61,10 +64,11 @@ def _arm(kind: str, n: int, target: str = "last.pt") -> None:
     metrics: halfway through writing a metrics.jsonl line.  caption_batch: while a caption batch is decoded.
     caption_torn / caption_appended: halfway through writing a batch of caption records / right after it.
     """
+    import seqgen.atomic
     import seqgen.checkpoint
     import seqgen.train
     from seqgen.model import Seq2Seq
-    from seqgen.tasks import captioning
+    from seqgen.tasks import caption_folder
     from seqgen.train import Trainer
 
     count = itertools.count(1)
@@ -91,7 +95,7 @@ def _arm(kind: str, n: int, target: str = "last.pt") -> None:
         Trainer.run_eval = dying_eval
     elif kind in ("torn", "before_rename", "after_rename"):
         armed = []   # the save in progress when it is the one to kill
-        real_save, real_replace, real_fsync_dir = seqgen.train.save_checkpoint, os.replace, seqgen.checkpoint._fsync_dir
+        real_save, real_replace, real_fsync_dir = seqgen.train.save_checkpoint, os.replace, seqgen.atomic.fsync_dir
 
         def save(path, payload):
             if os.path.basename(path) == target and due():
@@ -112,7 +116,7 @@ def _arm(kind: str, n: int, target: str = "last.pt") -> None:
                 os.fsync(f.fileno())
                 _die(armed[0])
 
-        class DyingOs:     # `os` as seqgen.checkpoint sees it
+        class DyingOs:     # `os` as seqgen.atomic sees it
             def __getattr__(self, name):
                 return getattr(os, name)
 
@@ -127,7 +131,8 @@ def _arm(kind: str, n: int, target: str = "last.pt") -> None:
             real_fsync_dir(folder)
 
         seqgen.train.save_checkpoint = save
-        seqgen.checkpoint.torch, seqgen.checkpoint.os, seqgen.checkpoint._fsync_dir = TornTorch(), DyingOs(), fsync_dir
+        seqgen.checkpoint.torch = TornTorch()
+        seqgen.atomic.os, seqgen.atomic.fsync_dir = DyingOs(), fsync_dir
     elif kind == "metrics":
         write = Trainer._write_metrics
 
@@ -140,15 +145,15 @@ def _arm(kind: str, n: int, target: str = "last.pt") -> None:
             write(self, record)
         Trainer._write_metrics = half_line
     elif kind == "caption_batch":
-        caption_tensor = captioning.caption_tensor
+        caption_tensor = caption_folder.caption_tensor
 
         def dying_batch(*a, **k):
             if due():
                 _die(f"decoding caption batch {n}")
             return caption_tensor(*a, **k)
-        captioning.caption_tensor = dying_batch
+        caption_folder.caption_tensor = dying_batch
     elif kind in ("caption_torn", "caption_appended"):
-        append = captioning._append
+        append = caption_folder._append
 
         def dying_append(f, text, out_path):
             if not due():
@@ -158,7 +163,7 @@ def _arm(kind: str, n: int, target: str = "last.pt") -> None:
                 _die(f"writing caption batch {n}")
             append(f, text, out_path)
             _die(f"after caption batch {n}")
-        captioning._append = dying_append
+        caption_folder._append = dying_append
     else:
         raise ValueError(kind)
 
@@ -443,8 +448,9 @@ def test_disk_full_while_training_keeps_the_previous_checkpoint(tmp_path, monkey
 
 def test_out_of_memory_when_captioning_a_folder_keeps_finished_batches(tmp_path):
     from seqgen.encoders.cnn import CNNImageEncoder
+    from seqgen.inference.captioning import caption_images
     from seqgen.model import load_model
-    from seqgen.tasks.captioning import caption_folder, caption_images
+    from seqgen.tasks.caption_folder import caption_folder
     model = load_model(str(_caption_checkpoint(tmp_path / "model.pt")), task="captioning")
     folder, out = _image_folder(tmp_path / "photos", n=12), tmp_path / "captions.jsonl"
     with _FailAtForward(CNNImageEncoder, 2, CUDA_OOM):
@@ -461,7 +467,7 @@ def test_out_of_memory_when_captioning_a_folder_keeps_finished_batches(tmp_path)
 
 def test_out_of_memory_when_translating_names_the_batch_size():
     from seqgen.encoders.rnn import RNNTextEncoder
-    from seqgen.tasks.translation import translate
+    from seqgen.inference.translation import translate
     torch.manual_seed(0)
     codec = TextCodec.build("word", ["a b c d e f"])
     model = Seq2Seq(ModelConfig(task="translation", decoder=DecoderConfig(emb=8, hidden=16),

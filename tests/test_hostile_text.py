@@ -539,10 +539,10 @@ def test_translations_never_contain_line_breaks(brk):
     from types import SimpleNamespace
 
     from seqgen.decoders.search import Hypothesis
-    from seqgen.tasks.translation import _hypothesis_to_translation
+    from seqgen.inference.translation import _to_translation
     codec = TextCodec.build("char", [f"ab{brk}cd"])
     ids = codec.encode(f"ab{brk}cd")
-    t = _hypothesis_to_translation(SimpleNamespace(tgt=codec), Hypothesis(ids, -1.0, -1.0), ["x"])
+    t = _to_translation(SimpleNamespace(tgt=codec), Hypothesis(ids, -1.0, -1.0), ["x"])
     assert t.text == "ab cd" and len(t.text.splitlines()) == 1
 
 

@@ -7,8 +7,10 @@ import torch
 
 from seqgen.checkpoint import load_checkpoint
 from seqgen.decoders.rnn import DecoderConfig
-from seqgen.model import GenerationConfig, load_model
-from seqgen.tasks.lm import LMDataConfig, LMRunConfig, generate_text, train_lm
+from seqgen.generation import GenerationConfig
+from seqgen.inference.lm import generate_text
+from seqgen.model import load_model
+from seqgen.tasks.lm import LMDataConfig, LMRunConfig, train_lm
 from seqgen.train import TrainConfig
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 60

@@ -5,7 +5,7 @@ import pytest
 
 from seqgen.errors import SeqgenError
 from seqgen.metrics import (caption_bleu, caption_tokens, cider_d, cider_d_scores, corpus_bleu, corpus_chrf,
-                            perplexity)
+                            corpus_scores, perplexity)
 
 # Five images with 3, 5, 2, 4 and 1 references (already lowercase, no punctuation, so every tokenizer agrees).
 EXAMPLES = [
@@ -91,7 +91,24 @@ def test_corpus_bleu_and_chrf():
         corpus_bleu(hyps, ["only one"])
 
 
+def test_corpus_scores_are_data():
+    """`seqgen evaluate` prints the report lines and puts the signatures in its --json: the signature is
+    what sacreBLEU prints before " = ", never parsed back out of the line."""
+    hyps = ["the cat sat on the mat", "a quick brown fox"]
+    refs = ["the cat is on the mat", "a fast brown fox"]
+    out = corpus_scores(hyps, refs)
+    assert out["bleu"] == pytest.approx(corpus_bleu(hyps, refs)["bleu"])
+    assert out["chrf"] == pytest.approx(corpus_chrf(hyps, refs)["chrf"])
+    for key, name in (("bleu", "BLEU"), ("chrf", "chrF2")):
+        assert out[f"{key}_signature"] == out[f"{key}_line"].split(" = ")[0]
+        assert out[f"{key}_signature"].startswith(f"{name}|nrefs:1|")
+    with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+        corpus_scores(hyps, refs[:1])
+
+
 def test_perplexity():
     assert perplexity(0.0) == 1.0
     assert perplexity(math.log(7.0)) == pytest.approx(7.0)
     assert perplexity(1e6) == math.inf
+    assert perplexity(1e6, finite=True) == math.exp(50.0)      # what the validation metrics log holds
+    assert math.isnan(perplexity(math.nan, finite=True))

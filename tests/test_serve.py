@@ -13,12 +13,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 from conftest import write_tiny_captioner  # noqa: E402
 from seqgen.decoders.rnn import DecoderConfig  # noqa: E402
 from seqgen.encoders.rnn import RNNEncoderConfig  # noqa: E402
-from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq, load_model  # noqa: E402
+from seqgen.generation import GenerationConfig  # noqa: E402
+from seqgen.model import ModelConfig, Seq2Seq, load_model  # noqa: E402
 from seqgen.serve.app import create_app  # noqa: E402
 from seqgen.serve.batcher import Batcher, QueueFull  # noqa: E402
 from seqgen.serve.config import ServeConfig  # noqa: E402
 from seqgen.serve.models import ServedModel, parse_model_arg  # noqa: E402
-from seqgen.tasks.translation import translate  # noqa: E402
+from seqgen.inference.translation import translate  # noqa: E402
 from seqgen.tokenizers import TextCodec  # noqa: E402
 
 WORDS = "ein mann eine frau hund fährt läuft rad im park schnee the a man woman dog rides runs bike in snow".split()

@@ -12,8 +12,9 @@ import pytest
 from conftest import write_image_folder, write_tiny_captioner
 
 from seqgen.cli import main
-from seqgen.model import GenerationConfig, load_model
-from seqgen.tasks.captioning import caption_folder, find_parts, merge_parts, part_path
+from seqgen.generation import GenerationConfig
+from seqgen.model import load_model
+from seqgen.tasks.caption_folder import caption_folder, find_parts, merge_parts, part_path
 
 N_IMAGES = 30
 BROKEN = {"img007b.jpg": b"", "img019b.png": b"this is not an image\n"}   # decode failures, inside the batches
@@ -50,10 +51,10 @@ def torchrun(args: list[str], log: Path, *, script: Path | None = None) -> int:
 # third batch of records (what the OOM killer or a lost machine does); torchrun then stops process 0.
 KILLED_WORKER = """
 import os, signal, sys
-from seqgen.tasks import captioning
+from seqgen.tasks import caption_folder
 
 if os.environ["RANK"] == "1":
-    append, count = captioning._append, [0]
+    append, count = caption_folder._append, [0]
 
     def dying_append(f, text, out_path):
         count[0] += 1
@@ -61,7 +62,7 @@ if os.environ["RANK"] == "1":
             append(f, text[:len(text) // 2], out_path)
             os.kill(os.getpid(), signal.SIGKILL)
         append(f, text, out_path)
-    captioning._append = dying_append
+    caption_folder._append = dying_append
 
 from seqgen.cli import main
 sys.exit(main(sys.argv[1:]))

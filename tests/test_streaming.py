@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from seqgen.model import GenerationConfig
-from seqgen.tasks.lm import generate_text
+from seqgen.generation import GenerationConfig
+from seqgen.inference.lm import generate_text
 from test_serve import tiny_lm, tiny_translator
 
 

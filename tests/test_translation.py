@@ -3,18 +3,20 @@ attention variants, data handling and the errors a user meets."""
 import json
 import os
 import random
-import warnings
 
 import pytest
 import torch
 
 from seqgen.checkpoint import load_checkpoint
+from seqgen.data.parallel import ParallelBatches
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import SeqgenError
-from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq, load_model
-from seqgen.tasks.translation import (ParallelBatches, TranslationDataConfig, TranslationRunConfig, build_codecs,
-                                      read_corpus, train_translation, translate, translate_nbest)
+from seqgen.generation import GenerationConfig
+from seqgen.inference.translation import translate, translate_nbest
+from seqgen.model import ModelConfig, Seq2Seq, load_model
+from seqgen.tasks.translation import (TranslationDataConfig, TranslationRunConfig, build_codecs, read_corpus,
+                                      train_translation)
 from seqgen.tokenizers import TextCodec
 from seqgen.train import TrainConfig
 
@@ -139,7 +141,7 @@ def test_decoding_precision_follows_amp(trained, amp):
 def test_bf16_decoding_casts_each_weight_once(trained):
     """autocast caches its bf16 copies of the weights for the whole search (outside inference_mode it can):
     without the cache, every step re-casts every weight. (The attention's query projection: the first RNN
-    layer's weights are cast once per weight version by the decoder itself, see RNNDecoder._gate_table.)"""
+    layer's weights are cast once per weight version by the decoder itself, see FastStep.gate_table in seqgen/decoders/fast_step.py.)"""
     from torch.profiler import profile
     _, paths, _, model = trained
     shape = list(model.decoder.attention.query_proj.weight.shape)
@@ -289,7 +291,7 @@ def test_non_translation_model_is_refused(tmp_path):
         translate(lm, ["abc"])
 
 
-def test_long_sources_truncated_with_warning_and_empty_lines_kept(trained):
+def test_long_sources_truncated_with_warning_and_empty_lines_kept(trained, capsys):
     _, _, _, model = trained
     messages = []
     out = translate(model, ["1 2 3", "", " ".join(["4"] * 30)], GenerationConfig(max_len=5), max_src_len=10,
@@ -297,10 +299,9 @@ def test_long_sources_truncated_with_warning_and_empty_lines_kept(trained):
     assert len(out) == 3 and out[1] == ""
     assert any("1 sentence(s) longer than 10 tokens were truncated (lines 3)" in m for m in messages)
     assert any("1 empty line(s)" in m for m in messages)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        translate(model, ["1 " * 20], GenerationConfig(max_len=3), max_src_len=4)
-    assert any("truncated" in str(w.message) for w in caught)
+    capsys.readouterr()
+    translate(model, ["1 " * 20], GenerationConfig(max_len=3), max_src_len=4)   # without `warn`: a stderr line
+    assert "seqgen: warning: 1 sentence(s) longer than 4 tokens were truncated" in capsys.readouterr().err
 
 
 def test_resume_refuses_other_vocabulary_and_other_spm(tmp_path, small_paths):

@@ -12,7 +12,8 @@ from seqgen.checkpoint import load_checkpoint, save_checkpoint
 from seqgen.cli import main as cli_main
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.errors import SeqgenError
-from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq, load_model
+from seqgen.generation import GenerationConfig
+from seqgen.model import ModelConfig, Seq2Seq, load_model
 from seqgen.tokenizers import TextCodec
 from seqgen.zoo.compact import MIN_QUANT, compact_payload, expand_payload
 
@@ -193,7 +194,7 @@ def test_shipped_captioner_by_name_does_not_loop():
 
 
 def test_shipped_char_model_by_name():
-    from seqgen.tasks.lm import generate_text
+    from seqgen.inference.lm import generate_text
     model = load_model("shakespeare-char", task="lm")
     a = generate_text(model, "ROMEO:", GenerationConfig(temperature=0.8, max_len=120, amp="off"), seed=3)[0]
     b = generate_text(model, "ROMEO:", GenerationConfig(temperature=0.8, max_len=120, amp="off"), seed=3)[0]
@@ -208,7 +209,7 @@ def test_cli_by_name_and_wrong_job(tmp_path):
     bad = run_cli("caption", "multi30k-de-en", src, "--out", tmp_path / "c.jsonl", check=False)
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("seqgen: error: multi30k-de-en is a translation model: use it with `seqgen "
-                                  "translate` or `seqgen evaluate`; this needs a captioning model")
+                                  "translate` or `seqgen evaluate`; this needs an image captioning model")
     assert not (tmp_path / "c.jsonl").exists()
     unknown = run_cli("generate", "no-such-model", check=False)
     assert unknown.returncode == 2 and "known names: multi30k-de-en" in unknown.stderr

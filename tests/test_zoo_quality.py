@@ -3,7 +3,7 @@ import pytest
 
 from seqgen import zoo
 from seqgen.metrics import max_ngram_repeats
-from seqgen.zoo.card import captioning_figures, lm_figures, translation_figures
+from seqgen.cards import captioning_figures, lm_figures, translation_figures
 
 pytestmark = pytest.mark.slow
 

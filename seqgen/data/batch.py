@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from seqgen.decoders.state import map_tensors
 from seqgen.encoders.base import EncoderOutput
+from seqgen.tensors import map_tensors
 
 
 @dataclass

@@ -16,13 +16,14 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Callable, Sequence
+from typing import IO, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from seqgen.atomic import atomic_write
 from seqgen.data.images import ImageError, ImageFolderDataset, collate_images, default_num_workers
 from seqgen.encoders.base import EncoderOutput
 from seqgen.encoders.cnn import CNNImageEncoder
@@ -31,11 +32,6 @@ from seqgen.errors import SeqgenError
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
 _DTYPES = {"float16": ("f16", np.float16), "float32": ("f32", np.float32)}
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def _weights_digest(encoder: CNNImageEncoder) -> str:
@@ -190,11 +186,11 @@ class FeatureCache:
         suffix, np_dtype = _DTYPES[dtype]
         file_name = f"features.{suffix}"
         data_path = os.path.join(path_dir, file_name)
-        tmp_path = f"{data_path}.tmp{os.getpid()}"
-        grid = _compute_into(tmp_path, np_dtype, list(image_paths), encoder, transform, batch_size=batch_size,
-                             num_workers=num_workers, device=device, progress=progress)
-        _fsync_file(tmp_path)
-        os.replace(tmp_path, data_path)
+        grids: list[tuple[int, int]] = []
+        atomic_write(data_path, lambda f: grids.append(_compute_into(
+            f, np_dtype, list(image_paths), encoder, transform, batch_size=batch_size, num_workers=num_workers,
+            device=device, progress=progress)), mode="w+b")
+        grid = grids[0]
         for other, _ in _DTYPES.values():  # a cache of the other dtype is stale now
             stale = os.path.join(path_dir, f"features.{other}")
             if other != suffix and os.path.exists(stale):
@@ -205,21 +201,15 @@ class FeatureCache:
                  "bytes": (n * grid[0] * grid[1] * c + n * c) * np.dtype(np_dtype).itemsize,
                  "encoder": dataclasses.asdict(encoder.config), "transform": repr(transform),
                  "fingerprint": fingerprint}
-        tmp_index = f"{index_path}.tmp{os.getpid()}"
-        with open(tmp_index, "w", encoding="utf-8") as f:
-            json.dump(index, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_index, index_path)
+        atomic_write(index_path, lambda f: json.dump(index, f), mode="w", encoding="utf-8")
         return cls.open(path_dir)
 
 
-def _compute_into(tmp_path: str, np_dtype: type, image_paths: list[str], encoder: CNNImageEncoder,
+def _compute_into(file: IO[bytes], np_dtype: type, image_paths: list[str], encoder: CNNImageEncoder,
                   transform: Callable, *, batch_size: int, num_workers: int | None, device: str | torch.device,
                   progress: bool) -> tuple[int, int]:
-    """Encode every image into a new flat memmap at `tmp_path`; returns the grid (h, w).
-
-    The file is removed again if anything fails, including unreadable images (then ImageError)."""
+    """Encode every image into a flat memmap over `file` (new, opened for reading and writing); returns the
+    grid (h, w). Unreadable images raise ImageError naming all of them."""
     from tqdm import tqdm
 
     n, c = len(image_paths), encoder.memory_size
@@ -244,7 +234,7 @@ def _compute_into(tmp_path: str, np_dtype: type, image_paths: list[str], encoder
                     h, w = fmap.shape[-2:]
                     if flat is None:
                         grid = (h, w)
-                        flat = np.memmap(tmp_path, dtype=np_dtype, mode="w+", shape=(n * h * w * c + n * c,))
+                        flat = np.memmap(file, dtype=np_dtype, mode="w+", shape=(n * h * w * c + n * c,))
                     elif (h, w) != grid:
                         raise SeqgenError(f"feature grid changed from {grid} to {(h, w)}: the transform must "
                                           f"give every image the same size")
@@ -265,10 +255,5 @@ def _compute_into(tmp_path: str, np_dtype: type, image_paths: list[str], encoder
         assert flat is not None and grid is not None
         flat.flush()
         return grid
-    except BaseException:
-        if os.path.exists(tmp_path):
-            del flat
-            os.remove(tmp_path)
-        raise
     finally:
         encoder.to(orig_device).train(was_training)

@@ -13,7 +13,7 @@ import os
 import re
 import stat
 import warnings
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Hashable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -242,11 +242,11 @@ def _sorted_names(directory: str, skip: Callable[[str, str], None]) -> list[str]
 def default_num_workers(device: torch.device | str = "cpu") -> int:
     """DataLoader workers for decoding images when the user did not choose (`--num-workers`).
 
-    Decoding a 224px JPEG into uint8 costs ~0.4 ms (large JPEGs are decoded at a reduced scale, see
-    `load_image`), the CNN ~10 ms per image on 2 CPU cores under bf16: on 2 cores a worker process only
-    takes CPU from the CNN and the beam search (Flickr8k, 1,000 JPEGs: 0 workers 67.0 images/s, 1 worker
-    60.1; in float32, 1 worker 81% of the CNN-alone rate, 2 workers 70%), so up to 2 cores decode in the
-    main process, up to 4 in one worker. A GPU eats images ~50x faster: then half the cores, up to 8.
+    Decoding a 224px JPEG into uint8 costs a small fraction of the CNN's time per image (large JPEGs are
+    decoded at a reduced scale, see `load_image`): on 2 cores a worker process only takes CPU from the CNN and
+    the beam search (docs/performance.md, "Folder captioning"), so up to 2 cores decode in the main process,
+    up to 4 in one worker. A GPU takes images far faster than the CPU can decode them: then half the cores,
+    up to 8.
     """
     cores = os.cpu_count() or 1
     if torch.device(device).type == "cuda":
@@ -254,31 +254,39 @@ def default_num_workers(device: torch.device | str = "cpu") -> int:
     return 0 if cores <= 2 else 1 if cores <= 4 else 2
 
 
-# -- dataset ---------------------------------------------------------------------------------------
-
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images by path for inference/feature extraction; errors are returned, never raised.
+    """Images by key for inference/feature extraction; errors are returned, never raised.
 
-    __getitem__(i) -> (i, FloatTensor [3, S, S] or None, reason or None). Use `collate_images`.
+    __getitem__(key) -> (key, uint8 tensor [3, S, S] or None, reason or None). Use `collate_images`.
+    paths: the image of each integer key (a sequence), or a function from a key to its image path, for keys
+    that are not positions: a streaming batch sampler's (root, path) pairs, say (`operator.itemgetter(1)`;
+    such a dataset has no length of its own).
     draft_size: passed to `load_image` (e.g. the transform's image_size) to decode large JPEGs faster.
     """
 
-    def __init__(self, paths: Sequence[str], transform: Callable[[Image.Image], Tensor], *,
-                 draft_size: int | None = None):
+    def __init__(self, paths: Sequence[str] | Callable[[Hashable], str], transform: Callable[[Image.Image], Tensor],
+                 *, draft_size: int | None = None):
         self.paths = paths
         self.transform = transform
         self.draft_size = draft_size
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return 0 if callable(self.paths) else len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, Tensor | None, str | None]:
+    def __getitem__(self, key: Hashable) -> tuple[Hashable, Tensor | None, str | None]:
         try:
-            return index, self.transform(load_image(self.paths[index], draft_size=self.draft_size)), None
+            path = self.paths(key) if callable(self.paths) else self.paths[key]
+            return key, self.transform(load_image(path, draft_size=self.draft_size)), None
         except ImageError as e:
-            return index, None, e.reason
+            return key, None, e.reason
         except Exception as e:  # noqa: BLE001 — one odd image (or transform bug) must not kill the worker
-            return index, None, f"cannot process ({type(e).__name__}: {e})"
+            return key, None, f"cannot process ({type(e).__name__}: {e})"
+
+
+def loader_generator(seed: int = 0) -> torch.Generator:
+    """The generator a DataLoader draws its worker base seed from, instead of torch's global RNG: creating a
+    loader (every epoch, every evaluation, after --resume) then never shifts the dropout masks of training."""
+    return torch.Generator().manual_seed(seed)
 
 
 class ImageBatch(NamedTuple):

@@ -1,8 +1,15 @@
-"""Parallel corpora for translation: two aligned text files or one TSV, and length filtering."""
+"""Parallel corpora for translation: two aligned text files or one TSV, length filtering, and the bucketed
+batches training reads (`ParallelBatches`)."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from seqgen.data.batch import Batch
+from seqgen.data.batching import BucketBatchSampler, pad_sequences
 
 from seqgen.data.text import read_lines
 from seqgen.errors import SeqgenError
@@ -79,3 +86,36 @@ def filter_by_length(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len
         raise SeqgenError(f"max length must be >= 1, got {max_len}")
     keep = [i for i, (s, t) in enumerate(zip(src_ids, tgt_ids)) if len(s) <= max_len and len(t) <= max_len]
     return keep, len(src_ids) - len(keep)
+
+
+class ParallelBatches:
+    """Bucketed batches of (source [B, S] + lengths, target [B, T+1] `bos ... eos`); a `BatchSource`.
+
+    Deterministic for (seed, epoch), so a resumed run sees the same batches from the same position.
+    """
+
+    def __init__(self, src_ids: list[list[int]], tgt_ids: list[list[int]], *, pad: int, bos: int, eos: int,
+                 max_tokens: int = 0, batch_size: int = 64, seed: int = 0, shuffle: bool = True):
+        if len(src_ids) != len(tgt_ids):
+            raise ValueError(f"{len(src_ids)} sources but {len(tgt_ids)} targets")
+        self.src = src_ids
+        self.tgt = [[bos, *t, eos] for t in tgt_ids]
+        self.pad = pad
+        cost = [max(len(s), len(t) - 1) for s, t in zip(self.src, self.tgt)]
+        self.sampler = BucketBatchSampler(cost, max_tokens=max_tokens or None,
+                                          batch_size=None if max_tokens else batch_size,
+                                          shuffle=shuffle, seed=seed)
+
+    def num_batches(self, epoch: int) -> int:
+        return len(self.sampler.batches(epoch))
+
+    def make_batch(self, idx: Sequence[int]) -> Batch:
+        source, lengths = pad_sequences([self.src[i] for i in idx], self.pad)
+        target, _ = pad_sequences([self.tgt[i] for i in idx], self.pad)
+        return Batch(target=target, source=source, source_lengths=lengths,
+                     index=torch.as_tensor(list(idx), dtype=torch.long))
+
+    def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1) -> Iterator[Batch]:
+        """Batches [start:stop:step] of the epoch's list (a process's share under data parallelism)."""
+        for idx in self.sampler.batches(epoch)[start:stop:step]:
+            yield self.make_batch(idx)

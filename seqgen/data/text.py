@@ -6,11 +6,12 @@ invalid UTF-8, empty file) and raises `SeqgenError` naming the file and, where i
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
+from seqgen.data.batch import Batch
 from seqgen.errors import SeqgenError
 
 
@@ -73,26 +74,6 @@ def read_lines(path: str | os.PathLike, *, allow_empty: bool = False) -> list[st
     return lines
 
 
-@dataclass
-class LMSplit:
-    """A language-model corpus split into train/validation id streams.
-
-    train: [N_train] token ids;  valid: [N_valid] token ids (may be empty when valid_fraction is 0).
-    """
-
-    train: Tensor
-    valid: Tensor
-
-
-def split_stream(ids: list[int], valid_fraction: float) -> LMSplit:
-    """First (1 - valid_fraction) of the stream for training, the rest for validation (nanoGPT's split)."""
-    if not 0.0 <= valid_fraction < 1.0:
-        raise SeqgenError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
-    data = torch.tensor(ids, dtype=torch.long)
-    n_train = int(round(len(data) * (1.0 - valid_fraction)))
-    return LMSplit(train=data[:n_train], valid=data[n_train:])
-
-
 class LMBatches:
     """Training windows over a token stream for a language model; a `BatchSource` for the Trainer.
 
@@ -121,10 +102,8 @@ class LMBatches:
     def num_batches(self, epoch: int) -> int:
         return -(-len(self._starts(epoch)) // self.batch_size)
 
-    def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1):
+    def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1) -> Iterator[Batch]:
         """Batches [start:stop:step] of the epoch's list (a process's share under data parallelism)."""
-        from seqgen.data.batch import Batch
-
         starts = self._starts(epoch)
         cols = torch.arange(self.seq_len)
         for b in range(-(-len(starts) // self.batch_size))[start:stop:step]:

@@ -57,9 +57,10 @@ class Attention(nn.Module):
                 keys = self.keys(memory)
             # Bahdanau's v . tanh(q + k), computed as 2 v . sigmoid(2q + 2k): tanh(x) = 2 sigmoid(2x) - 1, and the
             # constant -sum(v) it leaves does not change the softmax. Same function and gradients, but on CPU
-            # sigmoid is ~8x faster than tanh, which was 60% of a captioning beam step ([B, T, S, A] elements).
-            # [B, T, 1, A] + [B, 1, S, A] -> [B, T, S]. In place: the sum is a fresh tensor its backward does not
-            # need, and not allocating a second [B, T, S, A] one saves ~15% of this, the costliest op of a step.
+            # sigmoid is several times faster than tanh, which was most of a captioning beam step ([B, T, S, A]
+            # elements; docs/performance.md). [B, T, 1, A] + [B, 1, S, A] -> [B, T, S]. In place: the sum is a
+            # fresh tensor its backward does not need, and not allocating a second [B, T, S, A] one is a
+            # measurable part of this, the costliest op of a step.
             hidden = ((2 * self.query_proj(query)).unsqueeze(2) + keys.unsqueeze(1)).sigmoid_()
             scores = 2 * self.energy(hidden).squeeze(-1)
         elif self.kind == "luong_general":

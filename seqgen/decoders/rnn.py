@@ -1,4 +1,8 @@
-"""RNNDecoder: the one decoder every task shares (language model, translation, captioning)."""
+"""RNNDecoder: the one decoder every task shares (language model, translation, captioning).
+
+A whole target sequence goes through the RNN in one call (teacher forcing); a single step goes through
+`FastStep` (seqgen/decoders/fast_step.py), which picks the fastest kernel for decoding and keeps its caches.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqgen.decoders.attention import Attention
+from seqgen.decoders.fast_step import FastStep
 from seqgen.decoders.state import DecoderState
 from seqgen.encoders.base import EncoderOutput
 from seqgen.precision import active_autocast_dtype
@@ -17,57 +22,37 @@ from seqgen.precision import active_autocast_dtype
 
 @dataclass
 class DecoderConfig:
+    """The shared decoder: an RNN over the target tokens, attention over the encoder memory, an output layer.
+
+    cell:           the recurrent cell
+    emb:            target token embedding size
+    hidden:         RNN hidden size
+    layers:         stacked RNN layers
+    attention:      attention over the encoder memory: additive (bahdanau), multiplicative (luong_dot,
+                    luong_general) or none
+    attention_size: bahdanau: the attention's hidden size A; 0 = hidden. Decoding costs grow with memory
+                    positions x A per token: for image grids the largest part of a beam step
+                    (docs/performance.md measures smaller A)
+    input_feeding:  feed the previous attentional vector into the next RNN input (Luong); this forces a loop
+                    over time steps in training, so it is slower per step (docs/performance.md)
+    tie_embeddings: the output layer shares the embedding matrix (the pre-output is projected to emb)
+    dropout:        dropout on the embeddings, the pre-output and between RNN layers, in training
+    memory_dropout: dropout on the encoder memory the attention reads, in training: image features from a
+                    frozen CNN are otherwise memorised within a few epochs; 0 leaves the memory untouched
+    bridge:         initial hidden state = tanh(W x encoder state); false = zeros
+    """
+
     cell: Literal["lstm", "gru"] = "lstm"
     emb: int = 256
     hidden: int = 512
     layers: int = 1
     attention: Literal["none", "bahdanau", "luong_dot", "luong_general"] = "none"
-    # Bahdanau's hidden size A (0 = `hidden`). Decoding cost grows with S * A per token (a [rows, S, A] sigmoid):
-    # for 49-cell image grids it is the largest part of a beam step. Flickr8k with A = 128: beam search 1.3x
-    # faster, test BLEU-4 0.6 lower than with 512 (docs/performance.md).
     attention_size: int = 0
-    # True = the previous attentional vector is fed into the next RNN input (Luong); this forces a Python
-    # loop over time steps in training, so it is off by default (see docs/performance.md).
     input_feeding: bool = False
-    tie_embeddings: bool = True   # output layer shares the embedding matrix (the pre-output is projected to `emb`)
+    tie_embeddings: bool = True
     dropout: float = 0.3
-    # Dropout on the encoder memory the attention reads (training only): image features from a frozen CNN
-    # are otherwise memorised within a few epochs (captioning); 0 leaves the memory untouched.
     memory_dropout: float = 0.0
-    bridge: bool = True           # initial hidden state = tanh(W * encoder state); False = zeros
-
-
-# At most this many rows per step, CPU inference steps are bound by memory bandwidth, not arithmetic
-# (see `RNNDecoder._rnn_one_step`): float32 weights split across threads beat any lower-precision kernel there.
-SMALL_BATCH = 4
-
-
-# The first layer's per-token input gates (`RNNDecoder._gate_table`) are cached only up to this size: [V, 4H]
-# for a captioning vocabulary of 2,650 words and H = 512 is 11 MB in bfloat16.
-GATE_TABLE_MAX_BYTES = 64 << 20
-
-
-def _weights_key(tensors: tuple[Tensor, ...]) -> list[tuple[int, int]]:
-    """What a cached copy of these weights is valid for: their storage and in-place version (an optimiser step
-    or a loaded state dict changes one of them)."""
-    return [(t.data_ptr(), t._version) for t in tensors]
-
-
-def _lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """LSTM cell from its pre-activations: gates [B, 4H] (order i, f, g, o), c [B, H] -> (h, c) [B, H]."""
-    H = c.size(1)
-    act = torch.sigmoid(gates)   # one sigmoid over all four gates is cheaper than three calls
-    c = torch.addcmul(act[:, H:2 * H] * c, act[:, :H], torch.tanh(gates[:, 2 * H:3 * H]))
-    return act[:, 3 * H:] * torch.tanh(c), c
-
-
-def _gru_update(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
-    """GRU cell from its input and hidden pre-activations gi, gh [B, 3H] (order r, z, n) and h [B, H]."""
-    H = h.size(1)
-    rz = torch.sigmoid(gi[:, :2 * H] + gh[:, :2 * H])
-    n = torch.tanh(torch.addcmul(gi[:, 2 * H:], rz[:, :H], gh[:, 2 * H:]))
-    z = rz[:, H:]
-    return n + z * (h - n)
+    bridge: bool = True
 
 
 class RNNDecoder(nn.Module):
@@ -105,6 +90,8 @@ class RNNDecoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.memory_dropout = nn.Dropout(cfg.memory_dropout) if cfg.memory_dropout > 0 else None
         self.output = nn.Linear(self.out_size, vocab_size)
+        # single steps (search; training with input feeding) and their cached weight copies; no parameters
+        self.fast_step = FastStep(cfg.cell, cfg.emb)
         if cfg.tie_embeddings:
             # N(0, 1) embeddings would make the tied output layer's first logits huge (loss far above ln V)
             nn.init.normal_(self.embed.weight, std=cfg.emb ** -0.5)
@@ -160,124 +147,13 @@ class RNNDecoder(nn.Module):
              tokens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """x [B, T, I] -> outputs [B, T, H], h [B, L, H], c [B, L, H] | None. tokens: [B, T] ids that x embeds."""
         if x.size(1) == 1 and not (self.training and self.rnn.dropout > 0):
-            return self._rnn_one_step(x, state, tokens)
+            return self.fast_step(self.rnn, self.embed.weight, x, state.h, state.c, tokens, self.training)
         h0 = state.h.transpose(0, 1).contiguous()
         if self.cfg.cell == "lstm":
             out, (h, c) = self.rnn(x, (h0, state.c.transpose(0, 1).contiguous()))
             return out, h.transpose(0, 1), c.transpose(0, 1)
         out, h = self.rnn(x, h0)
         return out, h.transpose(0, 1), None
-
-    def _rnn_one_step(self, x: Tensor, state: DecoderState,
-                      tokens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """One time step through the layers. At T = 1 the multi-layer sequence kernel costs several times
-        the arithmetic, and at batch 1 the matrix-vector products are memory-bound, so small batches use
-        weights split across the CPU threads (see `_small_batch_matmul`); larger decoding batches look up the
-        first layer's input gates of each token (see `_gate_table`); training uses the fused cell kernels."""
-        inp, hs, cs = x[:, 0], [], []
-        decoding = not torch.is_grad_enabled() and not self.training
-        small = decoding and inp.size(0) <= SMALL_BATCH and inp.device.type == "cpu"
-        amp = active_autocast_dtype(inp.device.type)
-        table = self._gate_table(amp or inp.dtype) if decoding and not small and tokens is not None else None
-        flat = self.rnn._flat_weights  # [w_ih, w_hh, b_ih, b_hh] per layer; cheaper than 4 getattr per layer
-        for k in range(self.cfg.layers):
-            w_ih, w_hh, b_ih, b_hh = flat[4 * k:4 * k + 4]
-            h, lstm = state.h[:, k], self.cfg.cell == "lstm"
-            if k == 0 and table is not None:
-                gates_x, w_rest, w_hh_t = table
-                rest = inp[:, self.cfg.emb:]                       # the input-feeding part, or nothing
-                gx = gates_x.index_select(0, tokens[:, 0])
-                if lstm:
-                    gates = torch.addmm(gx, torch.cat([rest, h], dim=1).to(gx.dtype), w_rest)
-                else:
-                    gi = gx if w_rest is None else torch.addmm(gx, rest.to(gx.dtype), w_rest)
-                    gh = torch.addmm(b_hh.to(gx.dtype), h.to(gx.dtype), w_hh_t)
-            elif small:
-                if lstm:
-                    gates = self._small_batch_matmul(torch.cat([inp, h], dim=1), (w_ih, w_hh), (b_ih, b_hh))
-                else:
-                    gi = self._small_batch_matmul(inp, (w_ih,), (b_ih,))
-                    gh = self._small_batch_matmul(h, (w_hh,), (b_hh,))
-            elif lstm:
-                inp, c = torch.lstm_cell(inp, (h, state.c[:, k]), w_ih, w_hh, b_ih, b_hh)
-                hs.append(inp)
-                cs.append(c)
-                continue
-            else:
-                inp = torch.gru_cell(inp, h, w_ih, w_hh, b_ih, b_hh)
-                hs.append(inp)
-                continue
-            if lstm:
-                inp, c = _lstm_update(gates, state.c[:, k])
-                cs.append(c)
-            else:
-                inp = _gru_update(gi, gh, h)
-            hs.append(inp)
-        return inp.unsqueeze(1), torch.stack(hs, 1), (torch.stack(cs, 1) if cs else None)
-
-    def _gate_table(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
-        """For decoding: the first layer's input gates of every vocabulary entry, and that layer's other weights.
-
-        Returns (gates_x [V, G] = embed @ W_ih[:, :E]^T + biases, w_rest, w_hh_t) in `dtype`, with w_rest the
-        transposed weights the rest of the step multiplies ([feed; h] for an LSTM, the feed for a GRU, None
-        without input feeding) and w_hh_t W_hh^T for a GRU. A step then looks its tokens' rows up instead of
-        multiplying the embeddings, and runs one matmul (LSTM) on weights already in `dtype`, where autocast
-        would cast W_ih and W_hh again each step. Cached until a weight changes; None when the table would
-        exceed GATE_TABLE_MAX_BYTES (a large vocabulary): the fused cell then runs as in training.
-        """
-        w_ih, w_hh, b_ih, b_hh = self.rnn._flat_weights[:4]
-        if self.vocab_size * w_ih.size(0) * torch.finfo(dtype).bits // 8 > GATE_TABLE_MAX_BYTES:
-            return None
-        sources = (self.embed.weight, w_ih, w_hh, b_ih, b_hh)
-        key = [dtype] + _weights_key(sources)
-        hit = self.__dict__.get("_gates_cache")
-        if hit is None or hit[0] != key:
-            E = self.cfg.emb
-            with torch.autocast(w_ih.device.type, enabled=False):
-                w_ih32 = w_ih.detach().float()
-                lstm = self.cfg.cell == "lstm"
-                bias = b_ih.detach().float() + (b_hh.detach().float() if lstm else 0)
-                gates_x = torch.addmm(bias, self.embed.weight.detach().float(), w_ih32[:, :E].t())
-                rest = w_ih32[:, E:]
-                if lstm:
-                    w_rest, w_hh_t = torch.cat([rest, w_hh.detach().float()], dim=1).t(), None
-                else:
-                    w_rest, w_hh_t = (rest.t() if rest.size(1) else None), w_hh.detach().float().t()
-            hit = (key, tuple(None if t is None else t.to(dtype).contiguous() for t in (gates_x, w_rest, w_hh_t)))
-            self.__dict__["_gates_cache"] = hit
-        return hit[1]
-
-    def _small_batch_matmul(self, x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor, ...]) -> Tensor:
-        """x [B, I] @ cat(weights, dim=1)^T + sum(biases) -> [B, G] for tiny B.
-
-        A matrix-vector product runs on one core and is bound by that core's memory bandwidth; as a batched
-        matmul over row blocks of the weight it is spread over the threads (about 1.5x faster at batch 1 on
-        2 cores). The blocked weight copy is cached and rebuilt whenever a weight changes (version counter).
-        """
-        parts = max(1, min(torch.get_num_threads(), 8))
-        rows = weights[0].size(0)
-        cache = self.__dict__.setdefault("_blocked", {})
-        key = (weights[0].data_ptr(), parts)
-        versions = _weights_key(weights + biases)
-        hit = cache.get(key)
-        if hit is None or hit[0] != versions:
-            w = torch.cat([w.detach() for w in weights], dim=1)                  # [G, I]
-            bias = sum(b.detach() for b in biases)
-            if parts > 1 and rows % parts == 0:
-                w = w.reshape(parts, rows // parts, -1).transpose(1, 2).contiguous()  # [parts, I, G/parts]
-                bias = bias.reshape(parts, 1, rows // parts)
-            else:
-                w, bias = w.t().contiguous(), bias
-            cache[key] = hit = (versions, w, bias)
-        _, w, bias = hit
-        # float32 even under autocast: at this size the product is bound by memory, not arithmetic, and a
-        # bf16 copy of the blocked weight (not a parameter, so autocast would not cache it) every call costs more
-        x = x.float()
-        with torch.autocast(x.device.type, enabled=False):
-            if w.dim() == 2:
-                return torch.addmm(bias, x, w)
-            out = torch.baddbmm(bias, x.unsqueeze(0).expand(w.size(0), -1, -1), w)   # [parts, B, G/parts]
-        return out.transpose(0, 1).reshape(x.size(0), -1)
 
     def _pre_output(self, out: Tensor, enc: EncoderOutput | None) -> tuple[Tensor, Tensor | None]:
         """RNN outputs [B, T, H] -> attentional vectors [B, T, O] and attention weights [B, T, S] | None.

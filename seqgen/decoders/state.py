@@ -1,11 +1,12 @@
 """Decoder state and the one helper search needs to reorder any batch-first state."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import Tensor
+
+from seqgen.tensors import map_tensors
 
 
 @dataclass
@@ -22,25 +23,6 @@ class DecoderState:
     c: Tensor | None = None
     feed: Tensor | None = None
     attn: Tensor | None = None
-
-
-def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply `fn` to every tensor inside `obj` (tensors, None, tuples, lists, dicts, dataclasses)."""
-    if obj is None:
-        return None
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj)}
-        return dataclasses.replace(obj, **changes)
-    if isinstance(obj, tuple):
-        return type(obj)(*(map_tensors(x, fn) for x in obj)) if hasattr(obj, "_fields") else tuple(
-            map_tensors(x, fn) for x in obj)
-    if isinstance(obj, list):
-        return [map_tensors(x, fn) for x in obj]
-    if isinstance(obj, dict):
-        return {k: map_tensors(v, fn) for k, v in obj.items()}
-    return obj
 
 
 def select_batch(obj: Any, index: Tensor) -> Any:
@@ -65,4 +47,4 @@ def repeat_batch(obj: Any, times: int) -> Any:
     return map_tensors(obj, lambda t: t.repeat_interleave(times, dim=0))
 
 
-__all__ = ["DecoderState", "map_tensors", "select_batch", "repeat_batch"]
+__all__ = ["DecoderState", "select_batch", "repeat_batch"]

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from seqgen.tensors import map_tensors
 
 
 @dataclass
@@ -32,11 +34,6 @@ class EncoderOutput:
     values: Tensor | None = None
     beams: int = 1
 
-    def _map(self, fn: Callable[[Tensor], Tensor]) -> "EncoderOutput":
-        # not decoders.state.map_tensors: the decoders import this module, not the other way round
-        fields = ("state", "memory", "mask", "keys", "values")
-        return dataclasses.replace(self, **{f: fn(getattr(self, f)) for f in fields if getattr(self, f) is not None})
-
     def repeat_batch(self, times: int) -> "EncoderOutput":
         """Each input read by `times` times as many consecutive decoder rows (one per beam); copies nothing."""
         return dataclasses.replace(self, beams=self.beams * times)
@@ -49,14 +46,14 @@ class EncoderOutput:
         """
         g = self.beams
         if g == 1:
-            return self._map(lambda t: t.index_select(0, index))
+            return map_tensors(self, lambda t: t.index_select(0, index))
         if index.numel() % g == 0:
             groups = index.reshape(-1, g)
             first = groups[:, :1]
             if bool(((first % g == 0) & (groups == first + torch.arange(g, device=index.device))).all()):
                 inputs = first.squeeze(1) // g
-                return self._map(lambda t: t.index_select(0, inputs))
-        return dataclasses.replace(self._map(lambda t: t.index_select(0, index // g)), beams=1)
+                return map_tensors(self, lambda t: t.index_select(0, inputs))
+        return dataclasses.replace(map_tensors(self, lambda t: t.index_select(0, index // g)), beams=1)
 
 
 class Encoder(Protocol):

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from seqgen.config import File, Name
 from seqgen.encoders.base import EncoderOutput
 from seqgen.errors import SeqgenError
 
@@ -42,11 +43,24 @@ LITE_INSTALL_HINT = "pip install 'seqgen[lite]'"
 
 @dataclass
 class CNNEncoderConfig:
+    """The image encoder: a CNN backbone; its last feature grid is the memory, the grid's mean the state.
+
+    backbone:      the CNN (tiny: a small network trained from scratch, for tests)
+    weights:       pretrained weights: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...) or imagenet for
+                   efficientnet_lite0; auto (captioning) = ImageNet weights where seqgen can load them;
+                   none = random initialisation
+    weights_file:  load the backbone from this local state_dict file (torchvision's or the lite0 package's key
+                   names) instead of weights
+    freeze:        keep the backbone's weights fixed (training then reads its features from a cache)
+    finetune_from: with freeze false: the first block to train (e.g. layer4); without it, the whole backbone
+    image_size:    images are cropped to their central square and resized to this many pixels a side
+    """
+
     backbone: Backbone = "resnet18"
-    weights: str | None = None       # None = random init; "DEFAULT"/"IMAGENET1K_V1"... (torchvision); "imagenet" (lite0)
-    weights_file: str | None = None  # local state_dict file (torchvision's or the lite0 package's key names)
+    weights: Name | None = None
+    weights_file: File | None = None
     freeze: bool = True
-    finetune_from: str | None = None  # with freeze=False: first block to train (e.g. "layer4"); None = all
+    finetune_from: Name | None = None
     image_size: int = 224
 
 
@@ -148,8 +162,8 @@ def _build(cfg: CNNEncoderConfig) -> tuple[nn.Module, Callable[[nn.Module, Tenso
         return net, lambda m, x: m(x), net.out_channels, stages, (0.5,) * 3, (0.5,) * 3
     if name == "efficientnet_lite0":
         EfficientNet = _lite_modules()
-        # TF-"SAME" padding precomputed for cfg.image_size (~10% faster on CPU than computing it per call);
-        # features() therefore insists on that input size.
+        # TF-"SAME" padding precomputed for cfg.image_size (cheaper on CPU than computing it per call, see
+        # docs/performance.md); features() therefore insists on that input size.
         net = EfficientNet.from_name("efficientnet-lite0", image_size=cfg.image_size)
         net._fc = nn.Identity()
         stages = ([("stem", ("_conv_stem", "_bn0"))]
@@ -234,8 +248,8 @@ class CNNImageEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
         self._load_weights(cfg)
-        # channels_last runs the convolutions ~1.5-2x faster on CPU (oneDNN) and suits AMP on GPU; the
-        # flattened memory then comes out contiguous for free.
+        # channels_last runs the convolutions faster on CPU (oneDNN; docs/performance.md, "Measurements
+        # behind the code") and suits AMP on GPU; the flattened memory then comes out contiguous for free.
         self.backbone.to(memory_format=torch.channels_last)
         self._frozen = self._frozen_stage_names(cfg)
         for name, paths in self._stages:
@@ -334,8 +348,9 @@ class ImageTransform:
     means a hostile 100000 x 1 panorama never gets blown up to 22400000 x 224 pixels in memory.
 
     uint8, not floats: DataLoader workers hand a quarter of the bytes to the main process, and the float
-    conversion (~5 ms per 224px image in torchvision's to_tensor) disappears from the workers, which share
-    the CPU with the CNN; the encoder scales and normalises the whole batch in one vectorised op.
+    conversion (torchvision's to_tensor: milliseconds per image, docs/performance.md) disappears from the
+    workers, which share the CPU with the CNN; the encoder scales and normalises the whole batch in one
+    vectorised op.
     A class rather than a lambda so that DataLoader workers can pickle it and the feature cache can
     fingerprint it (its repr).
     """

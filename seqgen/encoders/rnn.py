@@ -13,12 +13,22 @@ from seqgen.encoders.base import EncoderOutput
 
 @dataclass
 class RNNEncoderConfig:
+    """The text encoder: source token embeddings and an LSTM/GRU over them.
+
+    cell:          the recurrent cell
+    emb:           source token embedding size
+    hidden:        RNN hidden size per direction: memory and state are 2 x hidden wide when bidirectional
+    layers:        stacked RNN layers
+    bidirectional: read the source in both directions
+    dropout:       dropout on the embeddings, and between layers when layers > 1, in training
+    """
+
     cell: Literal["lstm", "gru"] = "gru"
     emb: int = 256
-    hidden: int = 512          # per direction: memory and state are hidden * 2 wide when bidirectional
+    hidden: int = 512
     layers: int = 1
     bidirectional: bool = True
-    dropout: float = 0.3       # on the embeddings, and between layers when layers > 1
+    dropout: float = 0.3
 
 
 class RNNTextEncoder(nn.Module):

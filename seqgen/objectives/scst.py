@@ -25,7 +25,8 @@ from seqgen.data.batch import Batch
 from seqgen.decoders.state import select_batch
 from seqgen.errors import SeqgenError
 from seqgen.metrics import CiderD
-from seqgen.model import GenerationConfig, Seq2Seq
+from seqgen.generation import GenerationConfig
+from seqgen.model import Seq2Seq
 from seqgen.data.batching import pad_sequences
 
 

@@ -33,7 +33,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seqgen.errors import LINE_BREAKS, SeqgenError
-from seqgen.model import decoding_config
+from seqgen.generation import decoding_config
+from seqgen.inference import default_decoding
 from seqgen.serve.batcher import Batcher, QueueFull
 from seqgen.serve.config import ServeConfig
 from seqgen.serve.models import ServedModel, gen_key, run_batch
@@ -168,7 +169,7 @@ def create_app(served: dict[str, ServedModel], cfg: ServeConfig | None = None) -
                                 f"name one with \"model\"")
         return fits[0]
 
-    def gen_for(req: Options, *, sample: bool = False, defaults: dict | None = None):
+    def gen_for(req: Options, job: str):
         given = {k: getattr(req, k) for k in _GEN_FIELDS if getattr(req, k) is not None}
         for k in ("beam", "n_best"):
             if given.get(k, 1) > cfg.max_samples:
@@ -176,7 +177,7 @@ def create_app(served: dict[str, ServedModel], cfg: ServeConfig | None = None) -
         if given.get("max_len", 1) > cfg.max_len:
             raise ApiError(422, f"max_len must be at most {cfg.max_len}, got {given['max_len']}")
         try:
-            return decoding_config({**given, "amp": cfg.amp}, greedy=req.greedy, sample=sample, defaults=defaults)
+            return decoding_config({**given, "amp": cfg.amp}, default_decoding(job), greedy=req.greedy)
         except SeqgenError as e:
             # the CLI's messages name flags (--top-p); here the same options are JSON keys (top_p)
             raise ApiError(422, _FLAG.sub(lambda f: f.group(1).replace("-", "_"), str(e))) from None
@@ -224,7 +225,7 @@ def create_app(served: dict[str, ServedModel], cfg: ServeConfig | None = None) -
             if not t.strip():
                 raise ApiError(422, f"text {i}: empty")
             check_text(t, f"text {i}")
-        gen = gen_for(req)
+        gen = gen_for(req, "translate")
         results = await decode(request, (m.name, "translate", gen_key(gen), req.seed), texts)
         return {"model": m.name, "translations": [_translation_json(hyps, req.attention) for hyps in results]}
 
@@ -234,7 +235,7 @@ def create_app(served: dict[str, ServedModel], cfg: ServeConfig | None = None) -
         check_text(req.prompt, "prompt")
         if not 1 <= req.num_samples <= cfg.max_samples:
             raise ApiError(422, f"num_samples must be between 1 and {cfg.max_samples}, got {req.num_samples}")
-        gen = gen_for(req, sample=True)
+        gen = gen_for(req, "generate")
         unknown = m.model.tgt.unknown(req.prompt)
         if unknown:
             raise ApiError(422, f"prompt contains symbols the model never saw in training: "
@@ -251,9 +252,7 @@ def create_app(served: dict[str, ServedModel], cfg: ServeConfig | None = None) -
     async def caption(request: Request) -> dict:
         req, data = await _caption_input(request, cfg)
         m = pick(req.model, "captioning")
-        from seqgen.tasks.captioning import default_caption_gen
-        defaults = default_caption_gen()
-        gen = gen_for(req, defaults={"max_len": defaults.max_len, "no_repeat_ngram": defaults.no_repeat_ngram})
+        gen = gen_for(req, "caption")
         image = await run_in_threadpool(_image_tensor, m, data, cfg.max_image_pixels)
         [c] = await decode(request, (m.name, "caption", gen_key(gen), req.seed), [image])
         out: dict[str, Any] = {"model": m.name, "caption": c.text, "score": round(c.score, 4), "words": c.words}

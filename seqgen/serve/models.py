@@ -13,7 +13,8 @@ from typing import Any, Hashable, Sequence
 import torch
 
 from seqgen.errors import SeqgenError
-from seqgen.model import GenerationConfig, Seq2Seq, load_model
+from seqgen.generation import GenerationConfig
+from seqgen.model import Seq2Seq, load_model
 
 
 @dataclass
@@ -76,14 +77,14 @@ def run_batch(served: dict[str, ServedModel], key: Hashable, items: Sequence[Any
     model = served[name].model
     gen = GenerationConfig(**dict(gen_items))
     if job == "translate":
-        from seqgen.tasks.translation import translate_nbest
+        from seqgen.inference.translation import translate_nbest
         return translate_nbest(model, list(items), gen, batch_size=max(1, len(items)), seed=extra,
                                warn=lambda _m: None)
     if job == "caption":
-        from seqgen.tasks.captioning import caption_tensor
+        from seqgen.inference.captioning import caption_tensor
         generator = torch.Generator(device=model.device).manual_seed(extra) if gen.temperature > 0 else None
         return caption_tensor(model, torch.stack(list(items)), gen, generator=generator)
     if job == "generate":
-        from seqgen.tasks.lm import generate_text
+        from seqgen.inference.lm import generate_text
         return [generate_text(model, prompt, gen, num_samples=n, seed=extra) for prompt, n in items]
     raise ValueError(f"unknown job {job!r}")

@@ -10,9 +10,18 @@ import os
 import random
 import tempfile
 
+import torch
+
+from seqgen.data.images import load_image
 from seqgen.decoders.rnn import DecoderConfig
-from seqgen.model import GenerationConfig, load_model
-from seqgen.tasks.lm import LMDataConfig, LMRunConfig, generate_text, train_lm
+from seqgen.encoders.cnn import build_transform
+from seqgen.generation import GenerationConfig
+from seqgen.inference.captioning import caption_images_full, default_caption_gen
+from seqgen.inference.lm import generate_text
+from seqgen.inference.translation import translate
+from seqgen.model import load_model
+from seqgen.plots import image_attention_map
+from seqgen.tasks.lm import LMDataConfig, LMRunConfig, train_lm
 from seqgen.train import TrainConfig
 
 _WHO = ["the old king", "a little fox", "the miller's daughter", "a grey wolf", "the young sailor",
@@ -86,14 +95,6 @@ def demo_photos() -> list[str]:
 
 def run_demo(out: str = "runs/demo", seed: int = 1, say=print) -> dict:
     """Caption, translate and generate with the shipped models; returns what was printed, by job."""
-    import torch
-
-    from seqgen.encoders.cnn import build_transform
-    from seqgen.data.images import load_image
-    from seqgen.plots import image_attention_map
-    from seqgen.tasks.captioning import caption_images_full, default_caption_gen
-    from seqgen.tasks.translation import translate
-
     torch.manual_seed(seed)
     os.makedirs(out, exist_ok=True)
     results: dict = {}

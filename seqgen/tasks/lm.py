@@ -1,38 +1,54 @@
-"""Language models (char, word, subword): data, training and generation from a prompt."""
+"""Language models (char, word, subword), the task's wiring: the run config, the text split, training and
+validation (generating from a prompt is seqgen.inference.lm)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
-from seqgen.config import to_dict
+from seqgen.config import File, to_dict
 from seqgen.data.text import LMBatches, read_text
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.distributed import entry_point
 from seqgen.errors import SeqgenError
-from seqgen.model import GenerationConfig, ModelConfig, Seq2Seq
+from seqgen.log import Log
+from seqgen.metrics import perplexity
+from seqgen.model import ModelConfig, Seq2Seq
+from seqgen.runs import check_out_dir, load_resume_run
 from seqgen.tokenizers import TextCodec
-from seqgen.train import (Trainer, TrainConfig, TrainState, check_out_dir, load_resume_run,
-                          seed_everything)
+from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 
 
 @dataclass
 class LMDataConfig:
-    text: str = ""                 # path of the UTF-8 training text
+    """The language model's data: one text file, its vocabulary and the training windows.
+
+    text:           the UTF-8 training text
+    level:          tokens: characters, words or sentencepiece subwords
+    valid_fraction: the last part of the text held out for validation
+    seq_len:        tokens per training window (the truncated backpropagation length)
+    batch_size:     windows per batch
+    min_freq:       char/word: rarer tokens become <unk>
+    max_vocab:      char/word: vocabulary cap including specials; 0 = none
+    vocab_size:     subword: sentencepiece vocabulary size
+    """
+
+    text: File = ""
     level: Literal["char", "word", "subword"] = "char"
-    valid_fraction: float = 0.1    # the last part of the text is held out for validation
-    seq_len: int = 256             # tokens per training window (truncated backprop length)
+    valid_fraction: float = 0.1
+    seq_len: int = 256
     batch_size: int = 64
-    min_freq: int = 1              # char/word vocabulary: drop rarer tokens (they become <unk>)
-    max_vocab: int = 0             # char/word vocabulary cap including specials; 0 = none
-    vocab_size: int = 8000         # subword: sentencepiece vocabulary size
+    min_freq: int = 1
+    max_vocab: int = 0
+    vocab_size: int = 8000
 
 
 @dataclass
 class LMRunConfig:
+    """A language-model run: `seqgen train lm`'s flags and YAML keys, section by section."""
+
     data: LMDataConfig = field(default_factory=LMDataConfig)
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(
         cell="lstm", emb=512, hidden=512, layers=2, dropout=0.2))
@@ -77,14 +93,14 @@ def make_evaluate(valid_ids: torch.Tensor, seq_len: int, streams: int, bos: int,
                                      ignore_index=pad, reduction="sum").item()
             count += int((gold != pad).sum())
         loss = total / count
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        return {"loss": loss, "ppl": perplexity(loss, finite=True)}
 
     return evaluate
 
 
 @entry_point
 def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides: dict | None = None,
-             log: Callable[[str], None] | None = None) -> TrainState:
+             log: Log | None = None) -> TrainState:
     """Train (or resume) a language model on `run.data.text`; checkpoints go to `out_dir`.
 
     Under torchrun every process calls this (data parallelism, see seqgen/distributed.py)."""
@@ -117,40 +133,3 @@ def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides:
                      f"tokens, vocabulary {len(codec.vocab)} ({run.data.level}); "
                      f"{sum(p.numel() for p in model.parameters()):,} parameters")
     return trainer.train()
-
-
-def generate_text(model: Seq2Seq, prompt: str, gen: GenerationConfig, *, num_samples: int = 1,
-                  seed: int = 1, on_text: Callable[[str], None] | None = None) -> list[str]:
-    """Continue `prompt` `num_samples` times; returns prompt + continuation for each sample
-    (for beam search: the n-best continuations of one search).
-
-    on_text: called with each new piece of the first sample's text as it settles (the prompt first), so that
-    on_text's pieces joined equal the first returned text; for beam search, the piece every beam agrees on.
-    """
-    unknown = model.tgt.unknown(prompt)
-    if unknown:
-        shown = ", ".join(repr(u) for u in unknown[:10])
-        raise SeqgenError(f"--prompt contains symbols the model never saw in training: {shown}")
-    ids = model.tgt.encode(prompt)
-    prefix = torch.tensor(ids, dtype=torch.long, device=model.device) if ids else None
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    n = 1 if gen.beam > 1 else num_samples
-    stream, shown = None, [""]
-    if on_text is not None:
-        def stream(i: int, tokens: list[int]) -> None:
-            if i == 0:
-                _show(model.tgt.decode(ids + tokens), shown, on_text)
-    results = model.generate(batch_size=n, gen=gen, prefix=prefix, generator=generator, stream=stream)
-    texts = [model.tgt.decode(ids + h.tokens) for hyps in results for h in hyps]
-    if on_text is not None:
-        _show(texts[0], shown, on_text)
-    return texts
-
-
-def _show(text: str, shown: list[str], on_text: Callable[[str], None]) -> None:
-    """Pass on what `text` adds to the text shown so far (shown[0]). Decoding a longer token sequence only
-    appends to the text for char and word models; should a subword decoder rewrite the end of the text shown,
-    nothing more is passed on (the returned texts stay exact)."""
-    if len(text) > len(shown[0]) and text.startswith(shown[0]):
-        on_text(text[len(shown[0]):])
-        shown[0] = text

@@ -11,12 +11,14 @@ import os
 import torch
 
 from seqgen.bench import best_seconds, generation_rate
-from seqgen.model import GenerationConfig, load_model
+from seqgen.generation import GenerationConfig
+from seqgen.model import load_model
 
 
 def translation_figures(path: str, data_dir: str, timing: bool = True) -> dict:
     from seqgen.data.text import read_lines
-    from seqgen.tasks.translation import corpus_scores, translate
+    from seqgen.inference.translation import translate
+    from seqgen.metrics import corpus_scores
     src = read_lines(os.path.join(data_dir, "multi30k", "test_2016_flickr.de"))
     ref = read_lines(os.path.join(data_dir, "multi30k", "test_2016_flickr.en"))
     model = load_model(path, task="translation")
@@ -25,7 +27,7 @@ def translation_figures(path: str, data_dir: str, timing: bool = True) -> dict:
     scores = corpus_scores(hyps, ref)
     out = {"BLEU test_2016_flickr (beam 5)": round(scores["bleu"], 2),
            "chrF test_2016_flickr (beam 5)": round(scores["chrf"], 2),
-           "_signature": scores["bleu_line"].split(" = ")[0],
+           "_signature": scores["bleu_signature"],
            "_examples": [f"{s} -> {t}" for s, t in zip(OUT_OF_DOMAIN, translate(model, OUT_OF_DOMAIN, gen))]}
     if timing:
         seconds = best_seconds(lambda: translate(model, src, gen, batch_size=64), 2, model.device)
@@ -39,9 +41,10 @@ OUT_OF_DOMAIN = ["Die Bundesregierung hat am Mittwoch ein neues Klimaschutzgeset
 
 
 def captioning_figures(path: str, data_dir: str, timing: bool = True) -> dict:
+    from seqgen.data.captions import CaptionDataConfig, load_splits
     from seqgen.data.images import read_split
+    from seqgen.inference.captioning import caption_images, default_caption_gen
     from seqgen.metrics import caption_bleu, cider_d, max_ngram_repeats
-    from seqgen.tasks.captioning import CaptionDataConfig, caption_images, default_caption_gen, load_splits
     d = os.path.join(data_dir, "flickr8k")
     splits = load_splits(CaptionDataConfig(images=os.path.join(d, "images"), captions=os.path.join(d, "captions.tsv"),
                                            train_split=os.path.join(d, "train.txt"),
@@ -75,7 +78,8 @@ def captioning_figures(path: str, data_dir: str, timing: bool = True) -> dict:
 
 def lm_figures(path: str, data_dir: str, timing: bool = True) -> dict:
     from seqgen.data.text import read_text
-    from seqgen.tasks.lm import generate_text, make_evaluate, split_text
+    from seqgen.inference.lm import generate_text
+    from seqgen.tasks.lm import make_evaluate, split_text
     model = load_model(path, task="lm")
     _, valid_text = split_text(read_text(os.path.join(data_dir, "tinyshakespeare", "input.txt")), 0.1)
     valid_ids = torch.tensor(model.tgt.encode(valid_text), dtype=torch.long)
