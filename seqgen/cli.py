@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how many continuations to generate (with --beam N, --n-best says how many) "
                           "(default: 1)")
     gen.add_argument("--greedy", action="store_true", help="deterministic: always the most likely token")
+    gen.add_argument("--stream", action="store_true",
+                     help="print the text as it is produced (beam search: the part every beam agrees on)")
+    gen.add_argument("--line-buffered", action="store_true",
+                     help="read prompts from stdin, one per line, and answer each as soon as it arrives "
+                          "(the default when --prompt is not given and stdin is a terminal)")
     _add_generation_flags(gen, decoding_defaults("generate"))
 
     tr = train.add_parser("translation", help="RNN encoder-decoder with attention on parallel text",
@@ -91,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default="-", metavar="FILE",
                            help="write translations here (default: stdout); with --n-best N, N lines per "
                                 "sentence: line<TAB>score<TAB>translation")
+            p.add_argument("--line-buffered", action="store_true",
+                           help="answer each input line as soon as it arrives, flushing each answer (the default "
+                                "when stdin is a terminal): for pipes and co-processes")
+            p.add_argument("--overwrite", action="store_true",
+                           help="with --out FILE: start the output over instead of continuing an interrupted run")
             p.add_argument("--attention-png", metavar="DIR", help="save an attention heatmap per sentence in DIR")
         else:
             p.add_argument("--src", required=True, metavar="FILE", help="source file, one sentence per line")
@@ -214,12 +224,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from seqgen.inference.lm import generate_text
     from seqgen.model import load_model
     gen = _search_gen(args, decoding_defaults("generate"))
+    if args.stream and args.num_samples > 1 and gen.beam == 1:
+        raise SeqgenError("--stream shows one text: use it with --num-samples 1")
     model = load_model(args.checkpoint, device=resolve_device(args.device), task="lm")
-    for i, text in enumerate(generate_text(model, args.prompt, gen, num_samples=args.num_samples, seed=args.seed)):
-        if i:
-            print("\n" + "-" * 40)
-        print(text)
+    if args.line_buffered or (args.prompt == "" and "--prompt" not in sys.argv and sys.stdin.isatty()):
+        for line in sys.stdin:
+            _generate_one(model, line.rstrip("\r\n"), gen, args)
+        return 0
+    _generate_one(model, args.prompt, gen, args)
     return 0
+
+
+def _generate_one(model, prompt: str, gen, args: argparse.Namespace) -> None:
+    """Print the continuations of one prompt (streamed with --stream), flushed."""
+    from seqgen.inference.lm import generate_text
+    if args.stream:
+        def show(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        generate_text(model, prompt, gen, num_samples=1, seed=args.seed, on_text=show)
+        sys.stdout.write("\n")
+    else:
+        for i, text in enumerate(generate_text(model, prompt, gen, num_samples=args.num_samples, seed=args.seed)):
+            if i:
+                print("\n" + "-" * 40)
+            print(text)
+    sys.stdout.flush()
 
 
 # -- translation -----------------------------------------------------------------------------------------
@@ -230,14 +260,6 @@ def cmd_train_translation(args: argparse.Namespace) -> int:
     best = f"{state.best:.2f}" if state.best is not None else "n/a"
     _print_once(f"done: {state.step} steps, best validation BLEU {best}; model in {args.out}/best.pt")
     return 0
-
-
-def _read_source(path: str) -> list[str]:
-    from seqgen.data.text import decode_utf8, read_lines
-    if path != "-":
-        return read_lines(path, allow_empty=True)
-    lines = decode_utf8(sys.stdin.buffer.read(), "<stdin>").replace("\r\n", "\n").split("\n")
-    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 def _write_text(path: str, text: str) -> None:
@@ -260,41 +282,91 @@ def _load_translation_model(args: argparse.Namespace):
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from seqgen.inference.translation import translate_nbest
+    from seqgen.distributed import entry_point
+    return entry_point(_translate)(args)   # under torchrun: closes the process group _translate opens
+
+
+def _translate(args: argparse.Namespace) -> int:
+    from seqgen.distributed import setup
+    from seqgen.model import load_model
+    from seqgen.tasks.translate_file import CHUNK_LINES as CHUNK
+    from seqgen.tasks.translate_file import format_result, read_chunks, translate_file, translate_stream
     gen = _search_gen(args, decoding_defaults("translate"))
     if args.out != "-" and args.input != "-" and os.path.abspath(args.out) == os.path.abspath(args.input):
         raise SeqgenError(f"--out {args.out} is the input file; choose another output (nothing was written)")
-    model = _load_translation_model(args)
-    sentences = _read_source(args.input)      # a bad input file fails before any output folder is made
-    if args.attention_png:
-        require_matplotlib()
-        if model.decoder.attention is None:
-            raise SeqgenError(f"{args.checkpoint}: this model has no attention (--attention none); "
-                              f"there are no attention maps to draw")
-        try:
-            os.makedirs(args.attention_png, exist_ok=True)
-        except OSError as e:
-            raise SeqgenError(f"--attention-png {args.attention_png}: cannot create the folder "
-                              f"({e.strerror or e})") from None
-    results = translate_nbest(model, sentences, gen, batch_size=args.batch_size, max_src_len=args.max_src_len,
-                              seed=args.seed, warn=to_stderr)
-    if gen.n_best > 1:
-        text = "".join(f"{i}\t{h.score:.4f}\t{h.text}\n" for i, hyps in enumerate(results, 1) for h in hyps)
-    else:
-        text = "".join(hyps[0].text + "\n" for hyps in results)
-    _write_text(args.out, text)
-    if args.attention_png:
-        drawn = 0
-        for i, (source, hyps) in enumerate(zip(sentences, results), 1):
+    if args.input != "-" and not os.path.isfile(args.input):
+        raise SeqgenError(f"{args.input}: no such file")
+    dist = setup(args.device)
+    model = load_model(args.checkpoint, device=dist.device, task="translation")
+    draw = _attention_drawer(args, model)
+    interactive = args.input == "-" and (args.line_buffered or sys.stdin.isatty())
+    try:
+        if interactive:
+            out = sys.stdout if args.out == "-" else open(args.out, "a", encoding="utf-8")
+            try:
+                translate_stream(model, sys.stdin, out, gen, max_src_len=args.max_src_len, seed=args.seed)
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+        elif args.out != "-" and args.input != "-":
+            summary = translate_file(model, args.input, args.out, gen, model_name=args.checkpoint,
+                                     batch_size=args.batch_size, max_src_len=args.max_src_len, seed=args.seed,
+                                     overwrite=args.overwrite, dist=dist, progress=False, on_chunk=draw)
+            if dist.is_main:
+                to_stderr(f"seqgen: translated {summary.lines:,} line(s) into {args.out}"
+                          + (f"; {summary.already_done:,} already there from an earlier run"
+                             if summary.already_done else ""))
+        else:
+            # stdout (or stdin to a file): chunk by chunk, bounded memory, nothing to resume
+            from seqgen.inference.translation import translate_nbest
+            out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
+            try:
+                for c, chunk in enumerate(read_chunks(args.input)):
+                    first = c * CHUNK + 1
+                    results = translate_nbest(model, chunk, gen, batch_size=args.batch_size,
+                                              max_src_len=args.max_src_len, seed=args.seed + c, warn=to_stderr)
+                    out.write("".join(format_result(first + j, h, gen.n_best) for j, h in enumerate(results)))
+                    out.flush()
+                    if draw is not None:
+                        draw(first, chunk, results)
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+    except KeyboardInterrupt:
+        kept = (f"; the finished chunks are kept in {args.out}: run the same command again to continue"
+                if args.out != "-" and args.input != "-" and not interactive else "")
+        to_stderr(f"seqgen: interrupted{kept}")
+        return 130
+    if draw is not None and dist.is_main:
+        to_stderr(f"seqgen: {draw.count} attention map(s) in {args.attention_png}")
+    return 0
+
+
+def _attention_drawer(args: argparse.Namespace, model):
+    """on_chunk(first line number, sources, results) drawing one heatmap per sentence, or None."""
+    if not args.attention_png:
+        return None
+    require_matplotlib()
+    if model.decoder.attention is None:
+        raise SeqgenError(f"{args.checkpoint}: this model has no attention (--attention none); "
+                          f"there are no attention maps to draw")
+    try:
+        os.makedirs(args.attention_png, exist_ok=True)
+    except OSError as e:
+        raise SeqgenError(f"--attention-png {args.attention_png}: cannot create the folder "
+                          f"({e.strerror or e})") from None
+
+    def draw(first: int, sources: list[str], results) -> None:
+        for i, (source, hyps) in enumerate(zip(sources, results), first):
             best = hyps[0]
             if best.attention is None or not best.target_tokens:
                 continue
             title = source if len(source) <= 80 else source[:77] + "..."
             attention_heatmap(best.attention, best.source_tokens, best.target_tokens,
                               os.path.join(args.attention_png, f"{i:05d}.png"), title=title)
-            drawn += 1
-        to_stderr(f"seqgen: {drawn} attention map(s) in {args.attention_png}")
-    return 0
+            draw.count += 1
+    draw.count = 0
+    return draw
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

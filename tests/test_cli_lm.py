@@ -90,7 +90,7 @@ def test_checkpoint_errors(trained, tmp_path):
 
 
 def test_demo_runs_offline(tmp_path):
-    proc = run_cli("demo", "--seconds", 4, "--out", tmp_path / "demo", timeout=240)
+    proc = run_cli("demo", "--train", "--seconds", 4, "--out", tmp_path / "demo", timeout=240)
     assert "temperature 0.5" in proc.stdout and "beam search" in proc.stdout
     assert (tmp_path / "demo" / "best.pt").exists()
 
