@@ -18,12 +18,12 @@ def shared_data():
     return SHARED_DATA
 
 
-def run_cli(*args, check=True, timeout=300, env=None):
+def run_cli(*args, check=True, timeout=300, env=None, input=None):
     """Run `python -m seqgen.cli ARGS` in a subprocess; returns CompletedProcess."""
     import subprocess
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "seqgen.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+                          text=True, timeout=timeout, env=full_env, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"seqgen {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
