@@ -105,7 +105,8 @@ def main() -> int:
     p.add_argument("--images", type=int, default=96, help="caption requests per client count")
     p.add_argument("--seconds", type=float, default=120.0, help="cap per load run (default: 120)")
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-wait-ms", type=float, default=50.0)
+    p.add_argument("--quiet-ms", type=float, default=10.0)
     args = p.parse_args()
     d = args.data_dir
     sentences = open(os.path.join(d, "multi30k", "test_2016_flickr.de"), encoding="utf-8").read().splitlines()
@@ -113,7 +114,8 @@ def main() -> int:
     photos = [open(os.path.join(d, "flickr8k", "images", n), "rb").read() for n in names[:args.images]]
     port = free_port()
     cmd = [sys.executable, "-m", "seqgen.cli", "serve", args.translator, args.captioner, "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "4096"]
+           "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--quiet-ms", str(args.quiet_ms),
+           "--max-queue", "4096"]
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -144,6 +146,11 @@ def main() -> int:
                              f"{r['rps']:.1f} req/s, p50 {r['p50']:.0f} / p95 {r['p95']:.0f} / p99 {r['p99']:.0f} ms, "
                              f"errors {r['errors']}" + (f" ({r['first_error'][:80]})" if r["errors"] else "")))
         rows.append(("server RSS at the end", f"{rss_mb(server.pid):.0f} MB"))
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", "/health")
+        health = json.loads(c.getresponse().read())
+        rows.append(("batched searches / requests decoded",
+                     f"{health['searches']:,} / {health['items']:,} (mean batch {health['items'] / max(1, health['searches']):.1f})"))
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -151,7 +158,7 @@ def main() -> int:
     from seqgen.allocator import tune_cpu_allocator
     tune_cpu_allocator()
     from seqgen.generation import GenerationConfig
-from seqgen.model import load_model
+    from seqgen.model import load_model
     from seqgen.inference.captioning import caption_images, default_caption_gen
     from seqgen.inference.translation import translate
     model = load_model(args.translator, task="translation")

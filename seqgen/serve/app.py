@@ -104,7 +104,7 @@ def create_app(served: dict[str, ServedModel], cfg: ServeConfig | None = None) -
     cfg = cfg or ServeConfig()
     cfg.validate()
     batcher = Batcher(partial(run_batch, served), max_batch=cfg.max_batch, max_wait=cfg.max_wait_ms / 1000,
-                      max_queue=cfg.max_queue)
+                      quiet=cfg.quiet_ms / 1000, max_queue=cfg.max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -205,7 +205,8 @@ def create_app(served: dict[str, ServedModel], cfg: ServeConfig | None = None) -
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": list(served), "waiting": batcher.waiting, "searches": batcher.searches}
+        return {"status": "ok", "models": list(served), "waiting": batcher.waiting, "searches": batcher.searches,
+                "items": batcher.items}
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict:

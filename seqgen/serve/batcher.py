@@ -2,9 +2,9 @@
 
 Requests arrive from the server's event loop (`submit`, awaitable) and wait in one queue. A single worker
 thread owns the models (PyTorch already uses every core inside one search, so a second decoding thread would
-only fight the first): it takes the oldest waiting request, waits at most `max_wait` for more requests with
-the same key (model, task, decoding options), and hands up to `max_batch` of them to `run(key, items)` — one
-batched search. Requests are served oldest first across keys, so one never waits behind more than the
+only fight the first): it takes the oldest waiting request, waits for more requests with the same key (model,
+task, decoding options) while they keep arriving (a pause of `quiet` ends the wait, and so does `max_wait` after
+the oldest arrived), and hands up to `max_batch` of them to `run(key, items)` — one batched search. Requests are served oldest first across keys, so one never waits behind more than the
 requests that arrived before it, and each search is bounded (at most `max_batch` items, each within the
 server's size limits). A full queue refuses new requests at once (`QueueFull`: the server answers 503).
 """
@@ -35,8 +35,9 @@ class Batcher:
     """run(key, items) -> one result per item (same order); an exception fails every item of that batch."""
 
     def __init__(self, run: Callable[[Hashable, Sequence[Any]], Sequence[Any]], *, max_batch: int = 32,
-                 max_wait: float = 0.005, max_queue: int = 256):
+                 max_wait: float = 0.05, quiet: float = 0.003, max_queue: int = 256):
         self.run, self.max_batch, self.max_wait, self.max_queue = run, max_batch, max_wait, max_queue
+        self.quiet = min(quiet, max_wait)
         self._queue: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -86,11 +87,14 @@ class Batcher:
             key = self._queue[0].key
             deadline = self._queue[0].arrived + self.max_wait
             while True:
-                same = sum(1 for p in self._queue if p.key == key)
-                left = deadline - time.monotonic()
-                if same >= self.max_batch or left <= 0 or self._closed:
+                same = [p for p in self._queue if p.key == key]
+                now = time.monotonic()
+                # go when the batch is full, the oldest has waited max_wait, or arrivals have paused for
+                # `quiet`: a lone request starts at once, a burst of concurrent ones is gathered whole
+                quiet_until = same[-1].arrived + self.quiet
+                if len(same) >= self.max_batch or now >= deadline or now >= quiet_until or self._closed:
                     break
-                self._cond.wait(timeout=left)
+                self._cond.wait(timeout=min(deadline, quiet_until) - now)
             batch, rest = [], collections.deque()
             for p in self._queue:
                 (batch if p.key == key and len(batch) < self.max_batch else rest).append(p)

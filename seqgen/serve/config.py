@@ -17,7 +17,8 @@ class ServeConfig:
     port:             TCP port
     api_key:          if set, /v1/* requests need the header `Authorization: Bearer KEY` or `X-API-Key: KEY`
     max_batch:        requests decoded together in one search, at most
-    max_wait_ms:      how long the oldest waiting request waits for others to batch with
+    max_wait_ms:      the longest the oldest waiting request waits for others to batch with
+    quiet_ms:         a batch starts once no request joined it for this long (a lone request waits no longer)
     max_queue:        requests waiting at once; more are refused with 503 and Retry-After
     max_body_bytes:   request body size limit, an upload included (413 beyond)
     max_text_chars:   characters per text (a source sentence, a prompt)
@@ -32,7 +33,8 @@ class ServeConfig:
     port: int = 8000
     api_key: Name = ""
     max_batch: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 50.0
+    quiet_ms: float = 10.0
     max_queue: int = 256
     max_body_bytes: int = 10_000_000
     max_text_chars: int = 1000
@@ -52,5 +54,7 @@ class ServeConfig:
             raise SeqgenError(f"--port must be at most 65535, got {self.port}")
         if not (0 <= self.max_wait_ms <= 1000):
             raise SeqgenError(f"--max-wait-ms must be between 0 and 1000, got {self.max_wait_ms}")
+        if not (0 <= self.quiet_ms <= 1000):
+            raise SeqgenError(f"--quiet-ms must be between 0 and 1000, got {self.quiet_ms}")
         if self.amp not in AMP_CHOICES:
             raise SeqgenError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
