@@ -294,7 +294,7 @@ def _translate(args: argparse.Namespace) -> int:
     gen = _search_gen(args, decoding_defaults("translate"))
     if args.out != "-" and args.input != "-" and os.path.abspath(args.out) == os.path.abspath(args.input):
         raise SeqgenError(f"--out {args.out} is the input file; choose another output (nothing was written)")
-    if args.input != "-" and not os.path.isfile(args.input):
+    if args.input != "-" and not os.path.exists(args.input):
         raise SeqgenError(f"{args.input}: no such file")
     dist = setup(args.device)
     model = load_model(args.checkpoint, device=dist.device, task="translation")
@@ -308,7 +308,7 @@ def _translate(args: argparse.Namespace) -> int:
             finally:
                 if out is not sys.stdout:
                     out.close()
-        elif args.out != "-" and args.input != "-":
+        elif args.out != "-" and args.input != "-" and os.path.isfile(args.input):
             summary = translate_file(model, args.input, args.out, gen, model_name=args.checkpoint,
                                      batch_size=args.batch_size, max_src_len=args.max_src_len, seed=args.seed,
                                      overwrite=args.overwrite, dist=dist, progress=False, on_chunk=draw)
@@ -319,18 +319,19 @@ def _translate(args: argparse.Namespace) -> int:
         else:
             # stdout (or stdin to a file): chunk by chunk, bounded memory, nothing to resume
             from seqgen.inference.translation import translate_nbest
-            out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
+            out = sys.stdout if args.out == "-" else None      # a file is opened once there is something to write
             try:
                 for c, chunk in enumerate(read_chunks(args.input)):
                     first = c * CHUNK + 1
                     results = translate_nbest(model, chunk, gen, batch_size=args.batch_size,
                                               max_src_len=args.max_src_len, seed=args.seed + c, warn=to_stderr)
+                    out = out or open(args.out, "w", encoding="utf-8")
                     out.write("".join(format_result(first + j, h, gen.n_best) for j, h in enumerate(results)))
                     out.flush()
                     if draw is not None:
                         draw(first, chunk, results)
             finally:
-                if out is not sys.stdout:
+                if out is not None and out is not sys.stdout:
                     out.close()
     except KeyboardInterrupt:
         kept = (f"; the finished chunks are kept in {args.out}: run the same command again to continue"
@@ -491,6 +492,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from seqgen.serve.models import load_served
     cfg = from_dict(ServeConfig, flags_to_dict(args).get("serve", {}), where="flags")
     cfg.validate()
+    _check_can_listen(cfg.host, cfg.port)      # before loading models: a taken port is one line, not a traceback
     torch.manual_seed(args.seed)
     served = load_served(args.models, device=resolve_device(args.device))
     app = create_app(served, cfg)
@@ -499,6 +501,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"(web page {where}/, API schema {where}/docs); Ctrl-C stops")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
     return 0
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise SeqgenError(f"--host {host}: cannot resolve ({e.strerror or e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise SeqgenError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); "
+                              f"choose another --port") from None
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -238,3 +238,16 @@ def test_api_key_and_full_queue(served):
         second.join()
     assert_error(r, 503, "busy")
     assert r.headers["retry-after"] == "1"
+
+
+def test_a_taken_port_is_one_line_before_any_model_loads(capsys):
+    import socket
+
+    from seqgen.cli import main
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "no-such-model", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--port {port}: cannot listen there" in err

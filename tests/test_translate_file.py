@@ -168,3 +168,13 @@ def test_generate_stream_prints_what_generate_prints(tiny_models):
         plain = run_cli("generate", tiny_models / "lm.pt", "--prompt", "RO", "--max-len", "40", *flags)
         streamed = run_cli("generate", tiny_models / "lm.pt", "--prompt", "RO", "--max-len", "40", "--stream", *flags)
         assert streamed.stdout == plain.stdout, flags
+
+
+def test_endless_or_broken_input_is_one_line_and_leaves_nothing_behind(tiny_models, tmp_path):
+    (tmp_path / "bad.de").write_bytes(b"ein mann\n\xff\n")
+    for source, message in (("/dev/zero", "/dev/zero:1: a line longer than"), (tmp_path / "bad.de", "bad.de:2:1: invalid UTF-8")):
+        proc = run_cli("translate", tiny_models / "mt.pt", source, "--out", tmp_path / "out.en", check=False)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert not list(tmp_path.glob("out.en*"))
+    piped = run_cli("translate", tiny_models / "mt.pt", check=False, input="x" * (1 << 21))
+    assert piped.returncode == 2 and "<stdin>:1: a line longer than" in piped.stderr

@@ -17,7 +17,6 @@ order when all are done; a rerun with any number of processes skips chunks found
 from __future__ import annotations
 
 import heapq
-import itertools
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ if TYPE_CHECKING:
     from seqgen.model import Seq2Seq
 
 CHUNK_LINES = 2048      # lines per chunk: what a kill can cost, and the unit of sharding
+MAX_LINE_BYTES = 1 << 20   # a longer "line" is not a sentence (/dev/zero, a binary file): one error, bounded memory
 
 
 def format_result(number: int, hyps: list[Translation], n_best: int) -> str:
@@ -69,12 +69,15 @@ def read_chunks(path: str, chunk_lines: int = CHUNK_LINES) -> Iterator[list[str]
     try:
         lineno = 0
         while True:
-            block = list(itertools.islice(f, chunk_lines))
-            if not block:
-                return
             lines = []
-            for raw in block:
+            for _ in range(chunk_lines):
+                raw = f.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    break
                 lineno += 1
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    raise SeqgenError(f"{name}:{lineno}: a line longer than {MAX_LINE_BYTES:,} bytes (is this a "
+                                      f"text file?); split it or choose another input")
                 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]
                 try:
@@ -82,6 +85,8 @@ def read_chunks(path: str, chunk_lines: int = CHUNK_LINES) -> Iterator[list[str]
                 except UnicodeDecodeError as e:
                     raise SeqgenError(f"{name}:{lineno}:{e.start + 1}: invalid UTF-8 (byte 0x{raw[e.start]:02x}); "
                                       f"convert the file to UTF-8") from None
+            if not lines:
+                return
             yield lines
     finally:
         if f is not sys.stdin.buffer:
@@ -195,31 +200,16 @@ def translate_file(model: Seq2Seq, input_path: str, out_path: str, gen: Generati
     if mine is not None:
         _repair_tail(mine)
     t0 = time.perf_counter()
-    total_written = 0
     out_file = open(out_path if mine is None else mine, "a", encoding="utf-8")
     try:
-        for c, chunk in enumerate(read_chunks(input_path)):
-            if c in done_chunks or c % dist.world != dist.rank:
-                continue
-            results = translate_nbest(model, chunk, gen, batch_size=batch_size, max_src_len=max_src_len,
-                                      seed=seed + c, warn=warn)
-            first = c * CHUNK_LINES + 1
-            text = "".join(format_result(first + j, hyps, gen.n_best) for j, hyps in enumerate(results))
-            record = text if mine is None else json.dumps({"i": c, "text": text}) + "\n"
-            try:
-                out_file.write(record)
-                out_file.flush()
-                os.fsync(out_file.fileno())
-            except OSError as e:
-                raise SeqgenError(f"{out_file.name}: cannot write the translations ({e.strerror or e}); the "
-                                  f"finished chunks are kept: run the same command again to continue") from None
-            if on_chunk is not None:
-                on_chunk(first, chunk, results)
-            summary.lines += len(chunk)
-            total_written += len(chunk)
-            if progress and dist.is_main:
-                log(f"seqgen: {done_lines + total_written * dist.world:,} lines translated "
-                    f"({total_written / max(time.perf_counter() - t0, 1e-9):.1f} lines/s)")
+        _translate_chunks(model, input_path, gen, out_file, mine is not None, done_chunks, dist, summary,
+                          batch_size, max_src_len, seed, warn, log, progress, done_lines, on_chunk)
+    except SeqgenError:
+        out_file.close()
+        if dist.world == 1 and done_lines == 0 and summary.lines == 0 and os.path.getsize(out_path) == 0:
+            for path in (out_path, sidecar):     # failed before writing anything: leave no trace to resume
+                os.unlink(path)
+        raise
     finally:
         out_file.close()
     summary.seconds = time.perf_counter() - t0
@@ -231,6 +221,34 @@ def translate_file(model: Seq2Seq, input_path: str, out_path: str, gen: Generati
         if os.path.exists(sidecar):
             os.unlink(sidecar)
     return summary
+
+
+def _translate_chunks(model, input_path, gen, out_file, as_part, done_chunks, dist, summary, batch_size,
+                      max_src_len, seed, warn, log, progress, done_lines, on_chunk) -> None:
+    """The chunks of `input_path` this process translates, appended to `out_file` (see translate_file)."""
+    t0, total_written = time.perf_counter(), 0
+    for c, chunk in enumerate(read_chunks(input_path)):
+        if c in done_chunks or c % dist.world != dist.rank:
+            continue
+        results = translate_nbest(model, chunk, gen, batch_size=batch_size, max_src_len=max_src_len,
+                                  seed=seed + c, warn=warn)
+        first = c * CHUNK_LINES + 1
+        text = "".join(format_result(first + j, hyps, gen.n_best) for j, hyps in enumerate(results))
+        record = json.dumps({"i": c, "text": text}) + "\n" if as_part else text
+        try:
+            out_file.write(record)
+            out_file.flush()
+            os.fsync(out_file.fileno())
+        except OSError as e:
+            raise SeqgenError(f"{out_file.name}: cannot write the translations ({e.strerror or e}); the "
+                              f"finished chunks are kept: run the same command again to continue") from None
+        if on_chunk is not None:
+            on_chunk(first, chunk, results)
+        summary.lines += len(chunk)
+        total_written += len(chunk)
+        if progress and dist.is_main:
+            log(f"seqgen: {done_lines + total_written * dist.world:,} lines translated "
+                f"({total_written / max(time.perf_counter() - t0, 1e-9):.1f} lines/s)")
 
 
 def _read_part(path: str) -> Iterator[tuple[int, str]]:
