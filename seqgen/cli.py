@@ -190,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda, cuda:N (default: auto)")
     serve.add_argument("--seed", type=int, default=1, metavar="N", help="torch seed at start-up (default: 1)")
 
+    avg = sub.add_parser("average", help="average the weights of compatible checkpoints into one checkpoint",
+                         description="Checkpoints of one config and vocabularies (e.g. several best.pt/last.pt of "
+                                     "a run, or runs with other seeds); anything else is refused naming what "
+                                     "differs.")
+    avg.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="two or more checkpoints")
+    avg.add_argument("--out", required=True, metavar="FILE", help="the averaged checkpoint to write")
+
     sub.add_parser("models", help="list the models that ship with seqgen: task, size, data, quality, speed",
                    description="Each name works wherever a checkpoint path does (a path that exists wins).")
     return parser
@@ -519,6 +526,22 @@ def _check_can_listen(host: str, port: int) -> None:
                               f"choose another --port") from None
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    from seqgen.average import average_payload
+    from seqgen.checkpoint import save_checkpoint
+    out = os.path.realpath(args.out)
+    if any(os.path.exists(c) and os.path.realpath(c) == out for c in args.checkpoints):
+        raise SeqgenError(f"--out {args.out} is one of the checkpoints to average; choose another file "
+                          f"(nothing was written)")
+    payload = average_payload(args.checkpoints)
+    try:
+        save_checkpoint(args.out, payload)
+    except OSError as e:
+        raise SeqgenError(f"{args.out}: cannot write ({e.strerror or e})") from None
+    to_stderr(f"seqgen: averaged {len(args.checkpoints)} checkpoints into {args.out}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from seqgen.zoo import table
     print(table())
@@ -530,7 +553,7 @@ COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate,
             ("evaluate", None): cmd_evaluate,
             ("train", "captioning"): cmd_train_captioning, ("caption", None): cmd_caption,
             ("plot", None): cmd_plot, ("bench", None): cmd_bench, ("demo", None): cmd_demo,
-            ("models", None): cmd_models, ("serve", None): cmd_serve}
+            ("models", None): cmd_models, ("serve", None): cmd_serve, ("average", None): cmd_average}
 
 
 # A file name in a message may hold a line break: escaped, so that the error stays one line.

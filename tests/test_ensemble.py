@@ -100,3 +100,20 @@ def test_averaging_two_copies_gives_that_checkpoint_and_mismatches_are_refused(t
     save_checkpoint(str(tmp_path / "lm.pt"), lm(0).to_payload())
     with pytest.raises(SeqgenError, match="task"):
         average_models([str(tmp_path / "a.pt"), str(tmp_path / "lm.pt")])
+
+
+def test_average_command_writes_a_loadable_mean_and_refuses_bad_input(tmp_path, capsys):
+    from seqgen.cli import main
+    save_checkpoint(str(tmp_path / "a.pt"), translator(0).to_payload())
+    save_checkpoint(str(tmp_path / "b.pt"), translator(1).to_payload())
+    assert main(["average", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--out", str(tmp_path / "avg.pt")]) == 0
+    avg = load_model(str(tmp_path / "avg.pt"))
+    expected = average_models([str(tmp_path / "a.pt"), str(tmp_path / "b.pt")])
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in avg.state_dict().items())
+    capsys.readouterr()
+    assert main(["average", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--out", str(tmp_path / "a.pt")]) == 2
+    assert "is one of the checkpoints" in capsys.readouterr().err
+    save_checkpoint(str(tmp_path / "lm.pt"), lm(0).to_payload())
+    assert main(["average", str(tmp_path / "a.pt"), str(tmp_path / "lm.pt"), "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot average" in err and not (tmp_path / "x.pt").exists()
