@@ -19,8 +19,8 @@ import traceback
 
 from seqgen.allocator import tune_cpu_allocator
 from seqgen.config import add_dataclass_flags, add_run_flags, build_run_config, flags_to_dict, from_dict, to_dict
-from seqgen.errors import LINE_BREAKS, SeqgenError
-from seqgen.log import to_stderr
+from seqgen.errors import SeqgenError
+from seqgen.log import printable, to_stderr
 from seqgen.metrics import corpus_scores
 from seqgen.plots import attention_heatmap, loss_curve, require_matplotlib
 
@@ -189,7 +189,7 @@ def _print_once(message: str) -> None:
     """Print in a single process, or in process 0 alone of a torchrun run (every process trains)."""
     from seqgen.distributed import is_main_process
     if is_main_process():
-        print(message)
+        print(printable(message))
 
 
 # -- decoding settings -----------------------------------------------------------------------------------
@@ -375,7 +375,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not os.path.isfile(metrics):
         raise SeqgenError(f"{metrics}: no such file (is {args.run} a run folder?)")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(metrics)), "curves.png")
-    print(loss_curve(metrics, out))
+    print(printable(loss_curve(metrics, out)))
     return 0
 
 
@@ -443,10 +443,6 @@ COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate,
             ("models", None): cmd_models, ("serve", None): cmd_serve}
 
 
-# A file name in a message may hold a line break: escaped, so that the error stays one line.
-_ESCAPE_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in LINE_BREAKS}
-
-
 def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()   # process-wide, so the entry point decides it, not the library (see seqgen/allocator.py)
     parser = build_parser()
@@ -457,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     except SeqgenError as e:
         if args.debug:
             traceback.print_exc()
-        to_stderr(f"seqgen: error: {str(e).translate(_ESCAPE_LINE_BREAKS)}")
+        to_stderr(f"seqgen: error: {e}")   # a file name's line breaks and control characters escaped
         return 2
     except KeyboardInterrupt:
         to_stderr("seqgen: interrupted (the last checkpoint is intact; continue with --resume)")
