@@ -7,27 +7,22 @@ bad file becomes a "skipped" line with its reason, never a crash), runs the CNN 
 one batch at a time (seqgen.inference.captioning), and appends one record per image to a JSONL or CSV file,
 flushed per batch, so a killed run loses at most one batch and a rerun continues where it stopped. Under
 torchrun the processes share the batches and write part files that process 0 merges into the one output, in
-listing order.
+listing order. The file's records, how a rerun recognises them and the merge: seqgen.tasks.caption_records.
 """
 from __future__ import annotations
 
-import csv
-import glob
-import io
-import json
 import operator
 import os
 import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from seqgen.atomic import atomic_write, remove_partial_writes
 from seqgen.data.images import (ImageFolderDataset, collate_images, default_num_workers, iter_image_paths,
                                 loader_generator)
 from seqgen.distributed import Distributed
@@ -37,6 +32,8 @@ from seqgen.generation import GenerationConfig
 from seqgen.inference.captioning import Caption, caption_tensor, default_caption_gen, require_captioning
 from seqgen.log import Log, to_stderr
 from seqgen.plots import image_attention_map, require_matplotlib
+from seqgen.tasks.caption_records import (CSV_HEADER, batch_records, find_parts, image_key, merge_parts, output_format,
+                                          part_path, read_done, read_records)
 
 if TYPE_CHECKING:
     from seqgen.model import Seq2Seq
@@ -61,134 +58,6 @@ class FolderSummary:
     def ok(self) -> bool:
         """False when nothing could be captioned (the CLI then exits non-zero)."""
         return self.captioned + self.already_done > 0
-
-
-_CSV_HEADER = ["image", "caption", "score"]
-
-
-def output_format(path: str) -> str:
-    """"jsonl" or "csv" from the extension of `path`."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
-    if ext == ".csv":
-        return "csv"
-    raise SeqgenError(f"--out {path}: unknown output format {ext or '(no extension)'}; use .jsonl or .csv")
-
-
-def image_key(path: str) -> str:
-    """How an image is named in the output (and recognised again on resume)."""
-    return os.path.normpath(path)
-
-
-def _read_records(path: str, fmt: str, *, repair: bool) -> list[tuple[str, str]]:
-    """(image key, record text) of every complete record of the captions file `path`; [] when it is missing.
-
-    A last record cut off by a kill (the bytes after the last newline) is left out and, with `repair`, cut
-    from the file (only the one process that appends to it may do that; its image is captioned again).
-    Anything that is not a seqgen captions file raises SeqgenError rather than being overwritten.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise SeqgenError(f"{path}: cannot read the earlier output ({e.strerror or e})") from None
-    end = data.rfind(b"\n") + 1          # everything after the last newline is an interrupted write
-    # surrogateescape: file names that are not valid UTF-8 are written and read back byte for byte
-    text = data[:end].decode("utf-8", errors="surrogateescape")
-    records: list[tuple[str, str]] = []
-    if fmt == "jsonl":
-        lines = text.split("\n")[:-1]
-        for lineno, line in enumerate(lines, 1):
-            try:
-                records.append((json.loads(line)["image"], line + "\n"))
-            except (ValueError, KeyError, TypeError):
-                raise SeqgenError(f"{path}:{lineno}: not a captions record ({{\"image\", \"caption\", "
-                                  f"\"score\"}}); choose another --out or --overwrite") from None
-    else:
-        rows = list(csv.reader(io.StringIO(text)))
-        if rows and rows[0] != _CSV_HEADER:
-            raise SeqgenError(f"{path}: not a captions CSV (header {','.join(_CSV_HEADER)}); choose another "
-                              f"--out or --overwrite")
-        for lineno, row in enumerate(rows[1:], 2):
-            if len(row) != 3:
-                raise SeqgenError(f"{path}:{lineno}: expected 3 columns (image,caption,score), found {len(row)}")
-            records.append((row[0], _csv_rows([row])))
-    if repair and end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return records
-
-
-def read_done(out_path: str) -> set[str]:
-    """Images already captioned in `out_path` (a JSONL or CSV file from an earlier run).
-
-    A last record cut off by a kill is removed from the file (its image is captioned again); anything else
-    that is not a seqgen captions file raises SeqgenError rather than being overwritten.
-    """
-    return {key for key, _ in _read_records(out_path, output_format(out_path), repair=True)}
-
-
-# Sharded runs (torchrun): process r of W appends to OUT's part file r-of-W; process 0 merges them at the end.
-_PART_NAME = re.compile(r"\.part-(\d+)-of-(\d+)$")
-
-
-def part_path(out_path: str, rank: int, world: int) -> str:
-    """The file process `rank` of `world` writes while a folder is captioned under torchrun, next to the
-    output and in its format: captions.jsonl -> captions.part-0-of-2.jsonl."""
-    stem, ext = os.path.splitext(out_path)
-    return f"{stem}.part-{rank}-of-{world}{ext}"
-
-
-def find_parts(out_path: str) -> list[str]:
-    """The part files of `out_path` that sharded runs left (any rank, any number of processes), in
-    (processes, rank) order."""
-    stem, ext = os.path.splitext(out_path)
-    found = []
-    for path in glob.glob(glob.escape(stem) + ".part-*-of-*" + glob.escape(ext)):
-        match = _PART_NAME.search(path[:len(path) - len(ext)] if ext else path)
-        if match and os.path.isfile(path):
-            found.append(((int(match[2]), int(match[1])), path))
-    return [path for _, path in sorted(found)]
-
-
-def merge_parts(out_path: str, parts: Sequence[str], position: Callable[[str], int | None]) -> int:
-    """Fold the part files into `out_path` and delete them; returns the number of records added.
-
-    The merged file holds the records `out_path` had, then those of the parts whose image is not among them,
-    ordered by `position(image key)` (the image's place in the listing; images it does not know come last,
-    as found): the file one process appending in listing order writes. It is written to a temp file renamed
-    over `out_path`, so a kill leaves the old file and the parts, and the next run merges them again.
-    """
-    fmt = output_format(out_path)
-    remove_partial_writes(out_path)      # the temp file of a merge that was killed
-    old = _read_records(out_path, fmt, repair=False)
-    have = {key for key, _ in old}
-    new: dict[str, tuple[tuple[int, int, int], str]] = {}
-    for p, part in enumerate(parts):
-        for r, (key, text) in enumerate(_read_records(part, fmt, repair=False)):
-            if key not in have and key not in new:
-                pos = position(key)
-                new[key] = ((0, pos, 0) if pos is not None else (1, p, r), text)
-
-    def write(f) -> None:
-        if fmt == "csv":
-            f.write(",".join(_CSV_HEADER) + "\n")
-        f.writelines(text for _, text in old)
-        f.writelines(text for _, text in sorted(new.values(), key=lambda item: item[0]))
-    try:
-        atomic_write(out_path, write, mode="w", encoding="utf-8", errors="surrogateescape", newline="")
-    except OSError as e:
-        raise SeqgenError(f"{out_path}: cannot write the merged captions ({e.strerror or e}); the part files "
-                          f"are kept: run the same command again to merge them") from None
-    for part in parts:       # after the rename: a kill in between leaves parts whose records are all in out_path
-        try:
-            os.unlink(part)
-        except FileNotFoundError:
-            pass
-    return len(new)
 
 
 class _PathBatches:
@@ -280,9 +149,9 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
     dist.barrier()                 # nothing is removed once any process reads or writes
     done: set[str] = set()
     if resume:
-        done = {key for key, _ in _read_records(out_path, fmt, repair=not sharded)}
+        done = {key for key, _ in read_records(out_path, fmt, repair=not sharded)}
         for part in parts:
-            done.update(key for key, _ in _read_records(part, fmt, repair=part == target))
+            done.update(key for key, _ in read_records(part, fmt, repair=part == target))
     dist.barrier()                 # every process has read the same records before any appends new ones
     summary = FolderSummary(out_path=out_path)
     listing_skips: list[tuple[str, str]] = []        # (path, reason): what the listing passed over
@@ -330,7 +199,7 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
         raise SeqgenError(f"{target}: cannot write the captions ({e.strerror or e})") from None
     with f:
         if new_file and fmt == "csv":
-            _append(f, ",".join(_CSV_HEADER) + "\n", out_path)
+            _append(f, ",".join(CSV_HEADER) + "\n", out_path)
         for k, batch in enumerate(loader):
             number = k * dist.world + dist.rank          # the batch's place among all processes' batches
             failures.extend((number, path, reason) for (_, path), reason in batch.failed)
@@ -340,7 +209,7 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
                                           f"lower --batch-size (now {batch_size}) or --beam; the finished batches "
                                           f"are kept in {out_path}: run again to continue"):
                     captions = caption_tensor(model, batch.images, gen)
-                _append(f, _records(fmt, paths, captions), out_path)   # a kill loses at most one batch
+                _append(f, batch_records(fmt, paths, captions), out_path)   # a kill loses at most one batch
                 summary.captioned += len(captions)
                 if attention_png_dir:
                     summary.attention_maps += _draw_attention(batch.images, batch.indices, captions,
@@ -376,20 +245,6 @@ def _remove(path: str, out_path: str) -> None:
         pass
     except OSError as e:
         raise SeqgenError(f"{path}: cannot remove it to start {out_path} over ({e.strerror or e})") from None
-
-
-def _csv_rows(rows: Iterable[Sequence[str]]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
-
-
-def _records(fmt: str, paths: Sequence[str], captions: Sequence[Caption]) -> str:
-    """The output lines of one batch: JSONL {"image", "caption", "score"} or CSV rows."""
-    if fmt == "csv":
-        return _csv_rows([image_key(p), c.text, f"{c.score:.6f}"] for p, c in zip(paths, captions))
-    return "".join(json.dumps({"image": image_key(p), "caption": c.text, "score": round(c.score, 6)},
-                              ensure_ascii=False) + "\n" for p, c in zip(paths, captions))
 
 
 def _append(f, text: str, out_path: str) -> None:
