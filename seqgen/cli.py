@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from seqgen.config import add_dataclass_flags, add_run_flags, build_run_config, 
 from seqgen.errors import SeqgenError
 from seqgen.log import printable, to_stderr
 from seqgen.metrics import corpus_scores
+from seqgen.outputs import acquire_output_lock, holding, refuse_overwriting_inputs
 from seqgen.plots import attention_heatmap, loss_curve, require_matplotlib
 
 
@@ -253,17 +255,30 @@ def _write_text(path: str, text: str) -> None:
         raise SeqgenError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
+def _locks_out(command):
+    """`command` holds the lock of its --out file while it runs (seqgen.outputs): a second seqgen writing the
+    same file is refused with one line naming the holder."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        if not args.out or args.out == "-":
+            return command(args)
+        with holding(acquire_output_lock(args.out)):
+            return command(args)
+    return run
+
+
 def _load_translation_model(args: argparse.Namespace):
     from seqgen.distributed import resolve_device
     from seqgen.model import load_model
     return load_model(args.checkpoint, device=resolve_device(args.device), task="translation")
 
 
+@_locks_out
 def cmd_translate(args: argparse.Namespace) -> int:
     from seqgen.inference.translation import translate_nbest
     gen = _search_gen(args, decoding_defaults("translate"))
-    if args.out != "-" and args.input != "-" and os.path.abspath(args.out) == os.path.abspath(args.input):
-        raise SeqgenError(f"--out {args.out} is the input file; choose another output (nothing was written)")
+    refuse_overwriting_inputs({"--out": args.out, "--attention-png": args.attention_png},
+                              {"MODEL": args.checkpoint, "the input": args.input})
     model = _load_translation_model(args)
     sentences = _read_source(args.input)      # a bad input file fails before any output folder is made
     if args.attention_png:
@@ -297,10 +312,12 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_locks_out
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from seqgen.data.text import read_lines
     from seqgen.inference.translation import translate
     gen = _search_gen(args, decoding_defaults("evaluate"))
+    refuse_overwriting_inputs({"--out": args.out}, {"MODEL": args.checkpoint, "--src": args.src, "--ref": args.ref})
     src, ref = read_lines(args.src), read_lines(args.ref)
     if len(src) != len(ref):
         raise SeqgenError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)} "
@@ -375,6 +392,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not os.path.isfile(metrics):
         raise SeqgenError(f"{metrics}: no such file (is {args.run} a run folder?)")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(metrics)), "curves.png")
+    refuse_overwriting_inputs({"--out": out}, {"the metrics log": metrics})
     print(printable(loss_curve(metrics, out)))
     return 0
 

@@ -38,6 +38,7 @@ from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import OutOfMemory, SeqgenError, report_out_of_memory
 from seqgen.generation import GenerationConfig
 from seqgen.model import ModelConfig, Seq2Seq
+from seqgen.outputs import RUN_FOLDER_LOCK
 from seqgen.runs import check_out_dir
 from seqgen.tokenizers import TextCodec
 
@@ -281,8 +282,8 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
             assert f"resumed from {out / 'last.pt'} at step {last} " in log.read_text()
         last = _check_run_folder(out)
         assert last == step
-        if i == 0:             # only the partial write, which is not a checkpoint
-            assert [name.startswith(".tmp-last.pt-") for name in os.listdir(out)] == [True]
+        if i == 0:             # only the partial write, which is not a checkpoint (and the dead run's lock file)
+            assert [name.startswith(".tmp-last.pt-") for name in os.listdir(out) if name != RUN_FOLDER_LOCK] == [True]
 
     # two kills from outside at random moments (after 1-3 progress lines), then the real CLI runs to the end
     rng = random.Random(7)
@@ -514,6 +515,19 @@ def test_disk_full_when_translating_leaves_the_old_output_and_no_temp_file(tmp_p
     assert capsys.readouterr().err == f"seqgen: error: {out}: cannot write (No space left on device)\n"
     assert out.read_text() == "the earlier translations\n"
     assert sorted(os.listdir(tmp_path)) == ["hyp.txt", "mt.pt", "src.txt"]     # no .tmp- file holding the space
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device whose writes fail: ENOSPC)")
+def test_disk_full_when_captioning_is_the_friendly_line_not_the_failed_close(tmp_path, capsys):
+    from seqgen.cli import main
+    ckpt, folder = _caption_checkpoint(tmp_path / "model.pt"), _image_folder(tmp_path / "photos", n=3)
+    out = tmp_path / "caps.jsonl"
+    os.symlink("/dev/full", out)        # every flush fails, and so does the close after it
+    status = main(["caption", str(ckpt), str(folder), "--out", str(out), "--overwrite", "--quiet", "--beam", "1",
+                   "--max-len", "4", "--num-workers", "0"])
+    assert status == 2 and capsys.readouterr().err == (
+        f"seqgen: error: {out}: cannot write the captions (No space left on device); the finished batches are kept, "
+        f"run the same command again to continue\n")
 
 
 def test_out_of_memory_when_captioning_a_folder_keeps_finished_batches(tmp_path):

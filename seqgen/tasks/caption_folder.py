@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -23,17 +24,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from seqgen.data.images import (ImageFolderDataset, collate_images, default_num_workers, iter_image_paths,
-                                loader_generator)
+from seqgen.data.images import (IMAGE_EXTENSIONS, ImageFolderDataset, collate_images, default_num_workers,
+                                iter_image_paths, loader_generator)
 from seqgen.distributed import Distributed
 from seqgen.encoders.cnn import build_transform
 from seqgen.errors import SeqgenError, report_out_of_memory
 from seqgen.generation import GenerationConfig
 from seqgen.inference.captioning import Caption, caption_tensor, default_caption_gen, require_captioning
-from seqgen.log import Log, to_stderr
+from seqgen.log import Log, printable, to_stderr
+from seqgen.outputs import acquire_output_lock, refuse_overwriting_inputs
 from seqgen.plots import image_attention_map, require_matplotlib
-from seqgen.tasks.caption_records import (CSV_HEADER, batch_records, find_parts, image_key, merge_parts, output_format,
-                                          part_path, read_done, read_records)
+from seqgen.tasks.caption_records import (CSV_HEADER, Resolved, batch_records, cell, find_parts, image_key, merge_parts,
+                                          output_format, part_path, read_done, read_records, record_key)
 
 if TYPE_CHECKING:
     from seqgen.model import Seq2Seq
@@ -94,6 +96,87 @@ def _attention_png_name(path: str, root: str) -> str:
     return re.sub(r"[^\w.-]+", "_", stem.replace(os.sep, "__")) + ".png"
 
 
+class _AttentionNames:
+    """A unique attention-map file name for each listed image, given in listing order: `_attention_png_name`,
+    then -2, -3, ... when an earlier image has it (`a b.jpg` and `a_b.jpg`, `x.jpg` and `x.png`, one name in two
+    input folders; compared ignoring case, as some filesystems do). Every listed image is named, also those
+    captioned by an earlier run, so that a rerun of the same command gives each image the same file."""
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def __call__(self, path: str, root: str) -> str:
+        base = _attention_png_name(path, root)[:-len(".png")]
+        name, n = base, 1
+        while name.casefold() in self.used:
+            n += 1
+            name = f"{base}-{n}"
+        self.used.add(name.casefold())
+        return name + ".png"
+
+
+def _refuse_writing_into_inputs(inputs: Sequence[str], recursive: bool, outputs: dict[str, str | None]) -> None:
+    """Refuse an output that is an input (seqgen.outputs), one of the images an input folder lists
+    (`--skipped photos/a.jpg`), or with `recursive` a map folder inside an input folder (captioned next time)."""
+    refuse_overwriting_inputs(outputs, [("the input", root) for root in inputs])
+    folders = [(root, os.path.realpath(root)) for root in inputs if os.path.isdir(root)]
+    for flag, path in outputs.items():
+        real = os.path.realpath(path) if path else ""
+        for root, folder in folders:
+            if not real.startswith(folder.rstrip(os.sep) + os.sep):
+                continue
+            if flag == "--attention-png" and recursive:
+                raise SeqgenError(f"--attention-png {path} is inside the input folder {root}, and --recursive would "
+                                  f"caption its maps; choose another --attention-png (nothing was written)")
+            listed = recursive or os.path.dirname(real) == folder
+            if listed and os.path.isfile(real) and os.path.splitext(real)[1].lower() in IMAGE_EXTENSIONS:
+                raise SeqgenError(f"{flag} {path} is an image of the input folder {root}; choose another {flag}: "
+                                  f"seqgen never writes over its inputs (nothing was written)")
+
+
+@contextmanager
+def _output_lock(out_path: str, dist: Distributed) -> Iterator[None]:
+    """Process 0 holds the lock of `out_path` (seqgen.outputs) for the block; when another seqgen holds it, every
+    process of this run raises the same one-line error before reading or writing anything."""
+    lock, refusal = None, None
+    if dist.is_main:
+        try:
+            lock = acquire_output_lock(out_path)
+        except SeqgenError as e:
+            refusal = str(e)
+    refusal = dist.broadcast(refusal)
+    if refusal:
+        raise SeqgenError(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@contextmanager
+def _appending(target: str, mode: str, out_path: str):
+    """The captions file `target` opened for writing; a close that fails (a full disk: the last flush) is the same
+    one-line error as a failed write, and never replaces the error that is already on its way."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        f = open(target, mode, encoding="utf-8", errors="surrogateescape", newline="")
+    except OSError as e:
+        raise SeqgenError(f"{target}: cannot write the captions ({e.strerror or e})") from None
+    try:
+        yield f
+    except BaseException:
+        try:
+            f.close()
+        except OSError:
+            pass
+        raise
+    try:
+        f.close()
+    except OSError as e:
+        raise _write_failed(out_path, e) from None
+
+
 def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: GenerationConfig | None = None, *,
                    batch_size: int = 64, num_workers: int | None = None, recursive: bool = False,
                    follow_symlinks: bool = False, resume: bool = True, attention_png_dir: str | None = None,
@@ -103,9 +186,12 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
 
     Records {"image", "caption", "score"} follow the listing order (sorted within each folder). The output is
     flushed after every batch; with `resume` (default) images already in it are skipped, so a killed run is
-    continued by running it again; `resume=False` starts the file over. Unreadable images are listed in the
-    summary with their reason (and in `skipped_path` as path<TAB>reason lines). Memory stays bounded: paths
-    are listed lazily and only a few batches are in flight.
+    continued by running it again; `resume=False` starts the file over. An image is recognised by its folder
+    resolved, so a rerun may spell the folder another way (absolute, ./photos/); records keep the spelling of
+    the run that wrote them. Unreadable images are listed in the summary with their reason (and in
+    `skipped_path` as path<TAB>reason lines). Memory stays bounded: paths are listed lazily and only a few
+    batches are in flight. The output is locked for the run (a second seqgen writing it is refused), and no
+    output may be an input.
 
     Sharded (`dist` from `seqgen.distributed.setup` under torchrun, more than one process): every process
     lists the same images and cuts the same batches; process r captions batches r, r + W, ... into its part
@@ -135,6 +221,20 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
         require_matplotlib()
         if model.decoder.attention is None:
             raise SeqgenError("this model has no attention (--attention none); there are no attention maps to draw")
+    _refuse_writing_into_inputs(inputs, recursive, {"--out": out_path, "--skipped": skipped_path,
+                                                    "--attention-png": attention_png_dir})
+    with _output_lock(out_path, dist):
+        return _caption_locked(model, inputs, out_path, gen, fmt, batch_size=batch_size, num_workers=num_workers,
+                               recursive=recursive, follow_symlinks=follow_symlinks, resume=resume,
+                               attention_png_dir=attention_png_dir, skipped_path=skipped_path, progress=progress,
+                               say=say, dist=dist)
+
+
+def _caption_locked(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: GenerationConfig, fmt: str, *,
+                    batch_size: int, num_workers: int, recursive: bool, follow_symlinks: bool, resume: bool,
+                    attention_png_dir: str | None, skipped_path: str | None, progress: bool, say: Log,
+                    dist: Distributed) -> FolderSummary:
+    """`caption_folder` once its arguments are checked and the output is locked."""
     out_abs = os.path.abspath(out_path)
     parts = find_parts(out_path)
     if not resume and parts:       # starting over: an earlier sharded run's parts go too
@@ -147,17 +247,19 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
     if sharded and not resume and dist.is_main:
         _remove(out_path, out_path)
     dist.barrier()                 # nothing is removed once any process reads or writes
-    done: set[str] = set()
+    resolve = Resolved()
+    done: set[str] = set()         # resolved keys of the images already captioned
     if resume:
-        done = {key for key, _ in read_records(out_path, fmt, repair=not sharded)}
+        done = {resolve(key) for key, _ in read_records(out_path, fmt, repair=not sharded)}
         for part in parts:
-            done.update(key for key, _ in read_records(part, fmt, repair=part == target))
+            done.update(resolve(key) for key, _ in read_records(part, fmt, repair=part == target))
     dist.barrier()                 # every process has read the same records before any appends new ones
     summary = FolderSummary(out_path=out_path)
     listing_skips: list[tuple[str, str]] = []        # (path, reason): what the listing passed over
     failures: list[tuple[int, str, str]] = []        # (batch number, path, reason): images that failed to decode
-    # the merge's order: every listed image's position (process 0 of a sharded run only)
+    # the merge's order: every listed image's position, by resolved key (process 0 of a sharded run only)
     order: dict[str, int] | None = {} if sharded and dist.is_main else None
+    png_name = _AttentionNames() if attention_png_dir else None
 
     def listing(on_skip: Callable[[str, str], None] | None) -> Iterator[tuple[str, str]]:
         for root in inputs:
@@ -171,33 +273,30 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
     seen: set[str] = set()
 
     def todo() -> Iterator[tuple[str, str]]:
+        """(attention-map name, path) of each image left to caption."""
         for root, path in listing((lambda p, r: listing_skips.append((p, r))) if dist.is_main else None):
-            key = image_key(path)
+            key = resolve(record_key(path, fmt))
             if key in seen or os.path.abspath(path) == out_abs:
                 continue
             seen.add(key)
+            name = png_name(path, root) if png_name else ""
             if order is not None:
                 order[key] = len(order)
             if key in done:
                 summary.already_done += 1
                 bar.update(1)
                 continue
-            yield root, path
+            yield name, path
 
     transform = build_transform(model.config.image_encoder)
-    # the batch sampler yields (root, path) keys
+    # the batch sampler yields (attention-map name, path) keys
     dataset = ImageFolderDataset(operator.itemgetter(1), transform, draft_size=transform.image_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=_PathBatches(todo(), batch_size, dist.rank, dist.world), num_workers=num_workers,
         collate_fn=collate_images, pin_memory=model.device.type == "cuda", generator=loader_generator())
     new_file = not resume or not os.path.exists(target) or os.path.getsize(target) == 0
     t0 = time.perf_counter()
-    try:
-        os.makedirs(os.path.dirname(out_abs), exist_ok=True)
-        f = open(target, "w" if new_file else "a", encoding="utf-8", errors="surrogateescape", newline="")
-    except OSError as e:
-        raise SeqgenError(f"{target}: cannot write the captions ({e.strerror or e})") from None
-    with f:
+    with _appending(target, "w" if new_file else "a", out_path) as f:
         if new_file and fmt == "csv":
             _append(f, ",".join(CSV_HEADER) + "\n", out_path)
         for k, batch in enumerate(loader):
@@ -231,7 +330,7 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
     summary.seconds = time.perf_counter() - t0
     if sharded:
         if dist.is_main:
-            merge_parts(out_path, find_parts(out_path), order.get)
+            merge_parts(out_path, find_parts(out_path), lambda key: order.get(resolve(key)))
         dist.barrier()             # the merged file is complete before any process returns
     if dist.is_main:
         _report(summary, skipped_path, say)
@@ -247,30 +346,36 @@ def _remove(path: str, out_path: str) -> None:
         raise SeqgenError(f"{path}: cannot remove it to start {out_path} over ({e.strerror or e})") from None
 
 
+def _write_failed(out_path: str, e: OSError) -> SeqgenError:
+    return SeqgenError(f"{out_path}: cannot write the captions ({e.strerror or e}); the finished batches are kept, "
+                       f"run the same command again to continue")
+
+
 def _append(f, text: str, out_path: str) -> None:
     """Write and flush (so a killed run keeps every finished batch); a failed write is one clear error."""
     try:
         f.write(text)
         f.flush()
     except OSError as e:
-        raise SeqgenError(f"{out_path}: cannot write the captions ({e.strerror or e}); the finished batches are "
-                          f"kept, run the same command again to continue") from None
+        raise _write_failed(out_path, e) from None
 
 
 def _draw_attention(images: Tensor, items: Sequence[tuple[str, str]], captions: Sequence[Caption],
                     folder: str) -> int:
-    """One PNG per (root, path) in `items` whose caption has attention; returns how many were drawn."""
+    """One PNG per (file name, path) in `items` whose caption has attention; returns how many were drawn."""
     drawn = 0
-    for image, (root, path), c in zip(images, items, captions):
+    for image, (name, _), c in zip(images, items, captions):
         if c.attention is None or not c.words:
             continue
         image_attention_map(image.permute(1, 2, 0).numpy(), c.attention, c.words, c.grid,
-                            os.path.join(folder, _attention_png_name(path, root)), title=c.text)
+                            os.path.join(folder, name), title=c.text)
         drawn += 1
     return drawn
 
 
 def _report(summary: FolderSummary, skipped_path: str | None, say: Log) -> None:
+    """The summary line, one line per skipped image (file names escaped, whatever `say` prints to) and the
+    --skipped file (path<TAB>reason, each a spreadsheet-safe one-line `cell`)."""
     s = summary
     parts = [f"captioned {s.captioned:,} image(s) in {s.seconds:.1f}s ({s.images_per_second:.1f} img/s) "
              f"into {s.out_path}"]
@@ -278,15 +383,15 @@ def _report(summary: FolderSummary, skipped_path: str | None, say: Log) -> None:
         parts.append(f"{s.already_done:,} already there from an earlier run")
     if s.skipped:
         parts.append(f"{len(s.skipped):,} skipped")
-    say("seqgen: " + "; ".join(parts))
+    say(printable("seqgen: " + "; ".join(parts)))
     for path, reason in s.skipped[:50]:
-        say(f"  skipped {path}: {reason}")
+        say(printable(f"  skipped {path}: {reason}"))
     if len(s.skipped) > 50:
-        say(f"  ... and {len(s.skipped) - 50} more" + (f" (all in {skipped_path})" if skipped_path else ""))
+        say(printable(f"  ... and {len(s.skipped) - 50} more" + (f" (all in {skipped_path})" if skipped_path else "")))
     if skipped_path:
         try:
             with open(skipped_path, "w", encoding="utf-8", errors="surrogateescape") as f:
-                f.writelines(f"{p}\t{r}\n" for p, r in s.skipped)
+                f.writelines(f"{cell(p)}\t{cell(r)}\n" for p, r in s.skipped)
         except OSError as e:
             raise SeqgenError(f"{skipped_path}: cannot write the list of skipped images ({e.strerror or e})") from None
     if s.attention_maps:
@@ -294,4 +399,4 @@ def _report(summary: FolderSummary, skipped_path: str | None, say: Log) -> None:
 
 
 __all__ = ["FolderSummary", "caption_folder", "find_parts", "image_key", "merge_parts", "output_format",
-           "part_path", "read_done"]
+           "part_path", "read_done", "record_key"]

@@ -3,9 +3,13 @@
     output_format("captions.csv") -> "csv";  read_done("captions.jsonl") -> the images already captioned
 
 A record is {"image", "caption", "score"}: a JSONL line, or a CSV row under the header image,caption,score.
-Records are appended and flushed per batch (seqgen.tasks.caption_folder); a record cut off by a kill is cut
-from the file on resume. Under torchrun each process appends to its own part file, which process 0 merges
-at the end (`merge_parts`).
+The image is named as it was listed (`image_key`); the file is valid UTF-8 and one record per line whatever
+the file name: JSON escapes what it must (an undecodable byte of a name as \\udcff, read back as the same
+name), and CSV cells escape control characters (`record_key`) and begin with a quote where a spreadsheet
+would run a formula (`seqgen.outputs.spreadsheet_cell`), which reading the file back undoes. A rerun compares
+images by their resolved folder (`Resolved`), so it may spell the folder another way. Records are appended
+and flushed per batch (seqgen.tasks.caption_folder); a record cut off by a kill is cut from the file on resume.
+Under torchrun each process appends to its own part file, which process 0 merges at the end (`merge_parts`).
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from seqgen.atomic import atomic_write, remove_partial_writes
 from seqgen.errors import SeqgenError
+from seqgen.log import printable
+from seqgen.outputs import spreadsheet_cell, unspreadsheet_cell
 
 if TYPE_CHECKING:
     from seqgen.inference.captioning import Caption
@@ -37,8 +43,29 @@ def output_format(path: str) -> str:
 
 
 def image_key(path: str) -> str:
-    """How an image is named in the output (and recognised again on resume)."""
+    """How an image is named in the output (and recognised again on resume): its path as listed, normalised."""
     return os.path.normpath(path)
+
+
+def record_key(path: str, fmt: str) -> str:
+    """The image's name as a record of format `fmt` holds it: `image_key`; in CSV, which has no escapes, with
+    control characters and undecodable bytes escaped (`printable`), so that every record stays one valid line."""
+    return image_key(path) if fmt == "jsonl" else printable(image_key(path))
+
+
+class Resolved:
+    """A record key with its folder resolved (absolute, symlinks followed), so that `photos/x.jpg`,
+    `./photos/x.jpg` and `/home/me/photos/x.jpg` are one image on resume; one realpath per folder."""
+
+    def __init__(self):
+        self.folders: dict[str, str] = {}
+
+    def __call__(self, key: str) -> str:
+        folder, name = os.path.split(key)
+        real = self.folders.get(folder)
+        if real is None:
+            real = self.folders[folder] = os.path.realpath(folder or os.curdir)
+        return os.path.join(real, name)
 
 
 def read_records(path: str, fmt: str, *, repair: bool) -> list[tuple[str, str]]:
@@ -56,7 +83,7 @@ def read_records(path: str, fmt: str, *, repair: bool) -> list[tuple[str, str]]:
     except OSError as e:
         raise SeqgenError(f"{path}: cannot read the earlier output ({e.strerror or e})") from None
     end = data.rfind(b"\n") + 1          # everything after the last newline is an interrupted write
-    # surrogateescape: file names that are not valid UTF-8 are written and read back byte for byte
+    # surrogateescape: a file written before names were escaped may hold a name's undecodable bytes raw
     text = data[:end].decode("utf-8", errors="surrogateescape")
     records: list[tuple[str, str]] = []
     if fmt == "jsonl":
@@ -75,7 +102,7 @@ def read_records(path: str, fmt: str, *, repair: bool) -> list[tuple[str, str]]:
         for lineno, row in enumerate(rows[1:], 2):
             if len(row) != 3:
                 raise SeqgenError(f"{path}:{lineno}: expected 3 columns (image,caption,score), found {len(row)}")
-            records.append((row[0], _csv_rows([row])))
+            records.append((unspreadsheet_cell(row[0]), _csv_rows([row])))
     if repair and end < len(data):
         with open(path, "r+b") as f:
             f.truncate(end)
@@ -157,13 +184,29 @@ def _csv_rows(rows: Iterable[Sequence[str]]) -> str:
     return buf.getvalue()
 
 
+def cell(text: str) -> str:
+    """A text cell of a CSV or TSV file a spreadsheet may open: one line, no formula (seqgen.outputs)."""
+    return spreadsheet_cell(printable(text))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _json_line(record: dict) -> str:
+    """One JSONL line, valid UTF-8 whatever the file name: the undecodable bytes of a name (lone surrogates)
+    are written as JSON escapes ("\\udcff"), which json.loads reads back as the same name."""
+    text = json.dumps(record, ensure_ascii=False)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text) + "\n"
+
+
 def batch_records(fmt: str, paths: Sequence[str], captions: Sequence[Caption]) -> str:
-    """The output lines of one batch: JSONL {"image", "caption", "score"} or CSV rows."""
+    """The output lines of one batch: JSONL {"image", "caption", "score"} or CSV rows (text cells by `cell`;
+    the score is a number seqgen formats)."""
     if fmt == "csv":
-        return _csv_rows([image_key(p), c.text, f"{c.score:.6f}"] for p, c in zip(paths, captions))
-    return "".join(json.dumps({"image": image_key(p), "caption": c.text, "score": round(c.score, 6)},
-                              ensure_ascii=False) + "\n" for p, c in zip(paths, captions))
+        return _csv_rows([cell(record_key(p, fmt)), cell(c.text), f"{c.score:.6f}"] for p, c in zip(paths, captions))
+    return "".join(_json_line({"image": record_key(p, fmt), "caption": c.text, "score": round(c.score, 6)})
+                   for p, c in zip(paths, captions))
 
 
-__all__ = ["CSV_HEADER", "batch_records", "find_parts", "image_key", "merge_parts", "output_format", "part_path",
-           "read_done", "read_records"]
+__all__ = ["CSV_HEADER", "Resolved", "batch_records", "cell", "find_parts", "image_key", "merge_parts", "output_format",
+           "part_path", "read_done", "read_records", "record_key"]
