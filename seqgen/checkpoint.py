@@ -27,15 +27,45 @@ VERSION = 1
 def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
     """Write `payload` to `path` atomically: a temp file in the same folder, fsync, then rename.
 
-    A crash or a full disk at any moment leaves either the old file or the new one, never a mix; a kill
-    leaves at most a temp file `.tmp-NAME-XXXX` (see `seqgen.atomic.remove_partial_writes`).
+    A crash or a full disk at any moment leaves either the old file or the new one, never a mix (a failed write
+    raises its OSError, ENOSPC for a full disk); a kill leaves at most a temp file `.tmp-NAME-XXXX` (see
+    `seqgen.atomic.remove_partial_writes`).
     """
     buf = io.BytesIO()
     torch.save(payload, buf)
     raw = buf.getvalue()
     outer = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(raw).hexdigest(),
              "payload": torch.frombuffer(bytearray(raw), dtype=torch.uint8)}
-    atomic_write(path, lambda f: torch.save(outer, f))
+    atomic_write(path, lambda f: _save_reporting_os_errors(outer, f))
+
+
+class _Writer:
+    """A file as torch.save sees it, noting the OSError of a failed write (torch reports it as a RuntimeError)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def _save_reporting_os_errors(obj: Any, f) -> None:
+    """torch.save(obj, f), raising the OSError of a write that failed (a full disk: ENOSPC), not torch's
+    RuntimeError ("unexpected pos ..."), so that callers report it like any other failed write."""
+    writer = _Writer(f)
+    try:
+        torch.save(obj, writer)
+    except RuntimeError:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

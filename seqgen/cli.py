@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -19,9 +20,10 @@ import traceback
 
 from seqgen.allocator import tune_cpu_allocator
 from seqgen.config import add_dataclass_flags, add_run_flags, build_run_config, flags_to_dict, from_dict, to_dict
-from seqgen.errors import LINE_BREAKS, SeqgenError
-from seqgen.log import to_stderr
+from seqgen.errors import SeqgenError
+from seqgen.log import printable, to_stderr
 from seqgen.metrics import corpus_scores
+from seqgen.outputs import acquire_output_lock, holding, refuse_overwriting_inputs
 from seqgen.plots import attention_heatmap, loss_curve, require_matplotlib
 
 
@@ -206,7 +208,7 @@ def _print_once(message: str) -> None:
     """Print in a single process, or in process 0 alone of a torchrun run (every process trains)."""
     from seqgen.distributed import is_main_process
     if is_main_process():
-        print(message)
+        print(printable(message))
 
 
 # -- decoding settings -----------------------------------------------------------------------------------
@@ -282,12 +284,25 @@ def _write_text(path: str, text: str) -> None:
         raise SeqgenError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
+def _locks_out(command):
+    """`command` holds the lock of its --out file while it runs (seqgen.outputs): a second seqgen writing the
+    same file is refused with one line naming the holder."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        if not args.out or args.out == "-":
+            return command(args)
+        with holding(acquire_output_lock(args.out)):
+            return command(args)
+    return run
+
+
 def _load_translation_model(args: argparse.Namespace):
     from seqgen.distributed import resolve_device
     from seqgen.model import load_model
     return load_model(args.checkpoint, device=resolve_device(args.device), task="translation")
 
 
+@_locks_out
 def cmd_translate(args: argparse.Namespace) -> int:
     from seqgen.distributed import entry_point
     return entry_point(_translate)(args)   # under torchrun: closes the process group _translate opens
@@ -299,8 +314,8 @@ def _translate(args: argparse.Namespace) -> int:
     from seqgen.tasks.translate_file import CHUNK_LINES as CHUNK
     from seqgen.tasks.translate_file import format_result, read_chunks, translate_file, translate_stream
     gen = _search_gen(args, decoding_defaults("translate"))
-    if args.out != "-" and args.input != "-" and os.path.abspath(args.out) == os.path.abspath(args.input):
-        raise SeqgenError(f"--out {args.out} is the input file; choose another output (nothing was written)")
+    refuse_overwriting_inputs({"--out": args.out, "--attention-png": args.attention_png},
+                              {"MODEL": args.checkpoint, "the input": args.input})
     if args.input != "-" and not os.path.exists(args.input):
         raise SeqgenError(f"{args.input}: no such file")
     dist = setup(args.device)
@@ -377,10 +392,12 @@ def _attention_drawer(args: argparse.Namespace, model):
     return draw
 
 
+@_locks_out
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from seqgen.data.text import read_lines
     from seqgen.inference.translation import translate
     gen = _search_gen(args, decoding_defaults("evaluate"))
+    refuse_overwriting_inputs({"--out": args.out}, {"MODEL": args.checkpoint, "--src": args.src, "--ref": args.ref})
     src, ref = read_lines(args.src), read_lines(args.ref)
     if len(src) != len(ref):
         raise SeqgenError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)} "
@@ -455,7 +472,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not os.path.isfile(metrics):
         raise SeqgenError(f"{metrics}: no such file (is {args.run} a run folder?)")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(metrics)), "curves.png")
-    print(loss_curve(metrics, out))
+    refuse_overwriting_inputs({"--out": out}, {"the metrics log": metrics})
+    print(printable(loss_curve(metrics, out)))
     return 0
 
 
@@ -556,10 +574,6 @@ COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate,
             ("models", None): cmd_models, ("serve", None): cmd_serve, ("average", None): cmd_average}
 
 
-# A file name in a message may hold a line break: escaped, so that the error stays one line.
-_ESCAPE_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in LINE_BREAKS}
-
-
 def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()   # process-wide, so the entry point decides it, not the library (see seqgen/allocator.py)
     parser = build_parser()
@@ -570,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     except SeqgenError as e:
         if args.debug:
             traceback.print_exc()
-        to_stderr(f"seqgen: error: {str(e).translate(_ESCAPE_LINE_BREAKS)}")
+        to_stderr(f"seqgen: error: {e}")   # a file name's line breaks and control characters escaped
         return 2
     except KeyboardInterrupt:
         to_stderr("seqgen: interrupted (the last checkpoint is intact; continue with --resume)")

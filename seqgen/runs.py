@@ -1,18 +1,46 @@
 """Run folders: refuse to overwrite a trained run, and resume one from its last.pt.
 
-Every task's train_* function starts with `check_out_dir` and, for --resume, `load_resume_run`: the run config
-saved in the checkpoint with the user's overrides applied, refusing the changes a checkpoint cannot take (its
-vocabulary, the shapes of its weights). The Trainer then restores its own state (`Trainer.resume`).
+Every task's train_* function holds the run folder's lock while it runs (`holds_run_folder`: a second run into
+the same --out is refused before it reads or writes anything), starts with `check_out_dir` and, for --resume,
+`load_resume_run`: the run config saved in the checkpoint with the user's overrides applied, refusing the
+changes a checkpoint cannot take (its vocabulary, the shapes of its weights). The Trainer then restores its
+own state (`Trainer.resume`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+from typing import Callable, TypeVar
 
 from seqgen.checkpoint import load_checkpoint
 from seqgen.config import from_dict, merge
+from seqgen.distributed import launch_info
 from seqgen.errors import SeqgenError
 from seqgen.model import Seq2Seq
+from seqgen.outputs import acquire_lock, holding, run_folder_lock_path
+
+T = TypeVar("T")
+
+
+def holds_run_folder(train_fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator for a task's `train_*(run, out_dir, *, resume=False, ...)`: the run folder is locked while it runs
+    (seqgen.outputs; `out_dir/.seqgen.lock` names the holder), so that a second run into it, --resume or not, is
+    refused with one line before it touches anything. Under torchrun process 0 alone takes the lock (the others
+    write nothing, and torchrun stops them when process 0 exits). A folder that is not there yet is made for the
+    lock and removed again if the run fails before writing into it; with --resume a missing folder is left for
+    `check_out_dir` to report."""
+
+    @functools.wraps(train_fn)
+    def run(run_config, out_dir: str, *args, **kwargs) -> T:
+        folder = os.path.isdir(out_dir)
+        # not a folder, or nothing to resume: check_out_dir says so
+        if launch_info().rank != 0 or (os.path.lexists(out_dir) or kwargs.get("resume")) and not folder:
+            return train_fn(run_config, out_dir, *args, **kwargs)
+        with holding(acquire_lock(run_folder_lock_path(out_dir), f"the run folder {out_dir}")):
+            return train_fn(run_config, out_dir, *args, **kwargs)
+
+    return run
 
 
 def check_out_dir(out_dir: str, resume: bool) -> str | None:
@@ -75,4 +103,4 @@ def load_resume_run(path: str, task: str, run_cls: type, overrides: dict | None,
     return run, Seq2Seq.from_payload(payload, where=path)
 
 
-__all__ = ["check_out_dir", "check_resume_overrides", "load_resume_run"]
+__all__ = ["check_out_dir", "check_resume_overrides", "holds_run_folder", "load_resume_run"]

@@ -44,7 +44,7 @@ from seqgen.data.batching import shard_positions
 from seqgen.distributed import Distributed, setup
 from seqgen.ema import WeightEMA
 from seqgen.errors import SeqgenError, is_out_of_memory, report_out_of_memory
-from seqgen.log import Log, quiet, warning
+from seqgen.log import Log, printable, quiet, warning
 from seqgen.model import Seq2Seq
 from seqgen.precision import autocast_dtype
 
@@ -230,7 +230,7 @@ class Trainer:
         self._wall0 = time.perf_counter()
         self._mark = self._wall0           # end of the last step's bookkeeping: train_seconds counts from it
         # tqdm.write, not stderr, by default: lines between progress-bar updates (see seqgen.log)
-        self.log = (log or (lambda msg: tqdm.write(msg))) if self.dist.is_main else quiet
+        self.log = (log or (lambda msg: tqdm.write(printable(msg)))) if self.dist.is_main else quiet
         self.last_path = os.path.join(out_dir, "last.pt")
         self.best_path = os.path.join(out_dir, "best.pt")
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")

@@ -13,6 +13,7 @@ the real `python -m seqgen.cli` (`_run_cli`).
 """
 from __future__ import annotations
 
+import errno
 import io
 import itertools
 import json
@@ -37,6 +38,7 @@ from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import OutOfMemory, SeqgenError, report_out_of_memory
 from seqgen.generation import GenerationConfig
 from seqgen.model import ModelConfig, Seq2Seq
+from seqgen.outputs import RUN_FOLDER_LOCK
 from seqgen.runs import check_out_dir
 from seqgen.tokenizers import TextCodec
 
@@ -280,8 +282,8 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
             assert f"resumed from {out / 'last.pt'} at step {last} " in log.read_text()
         last = _check_run_folder(out)
         assert last == step
-        if i == 0:             # only the partial write, which is not a checkpoint
-            assert [name.startswith(".tmp-last.pt-") for name in os.listdir(out)] == [True]
+        if i == 0:             # only the partial write, which is not a checkpoint (and the dead run's lock file)
+            assert [name.startswith(".tmp-last.pt-") for name in os.listdir(out) if name != RUN_FOLDER_LOCK] == [True]
 
     # two kills from outside at random moments (after 1-3 progress lines), then the real CLI runs to the end
     rng = random.Random(7)
@@ -444,6 +446,88 @@ def test_disk_full_while_training_keeps_the_previous_checkpoint(tmp_path, monkey
     monkeypatch.undo()
     assert (out / "last.pt").read_bytes() == snapshot["last"] and _check_run_folder(out) == 6
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
+
+
+class _FullDisk:
+    """A file on a disk that fills up: the writes past its first `room` bytes fail with ENOSPC (what torch.save then
+    reports is its own RuntimeError, "unexpected pos ...", with the OSError only as its context)."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+
+def _fill_disk_at(monkeypatch, mode: str, n: int, before=lambda: None, room: int = 1024) -> None:
+    """From the `n`-th file seqgen.atomic opens with `mode` on, the disk fills up after `room` bytes of the file
+    (`before()` runs first)."""
+    import seqgen.atomic
+    count = itertools.count(1)
+
+    def opener(file, mode_="r", *args, **kwargs):
+        f = open(file, mode_, *args, **kwargs)
+        if mode_ == mode and next(count) >= n:
+            before()
+            return _FullDisk(f, room)
+        return f
+    monkeypatch.setattr(seqgen.atomic, "open", opener, raising=False)
+
+
+def test_disk_full_inside_torch_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from seqgen.tasks.lm import train_lm
+    text, out = _write_text(tmp_path / "text.txt"), tmp_path / "run"
+    snapshot = {}
+    # saves at steps 0, 3, 6: the third one fails inside torch.save
+    _fill_disk_at(monkeypatch, "wb", 3, lambda: snapshot.setdefault("last", (out / "last.pt").read_bytes()))
+    with pytest.raises(SeqgenError, match=r"last.pt: cannot save the checkpoint of step 6 \(No space left on "
+                                          r"device\); the previous one is intact: free space and continue"):
+        train_lm(_lm_run(text), str(out), log=lambda m: None)
+    monkeypatch.undo()
+    assert (out / "last.pt").read_bytes() == snapshot["last"] and _check_run_folder(out) == 3
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
+
+
+def test_disk_full_when_translating_leaves_the_old_output_and_no_temp_file(tmp_path, monkeypatch, capsys):
+    from seqgen.checkpoint import save_checkpoint as save
+    from seqgen.cli import main
+    codec = TextCodec.build("word", ["a b c d"])
+    model = Seq2Seq(ModelConfig(task="translation", decoder=DecoderConfig(emb=8, hidden=8),
+                                text_encoder=RNNEncoderConfig(emb=8, hidden=8)), tgt=codec, src=codec)
+    save(str(tmp_path / "mt.pt"), model.to_payload())
+    (tmp_path / "src.txt").write_text("a b\nc d\n")
+    out = tmp_path / "hyp.txt"
+    out.write_text("the earlier translations\n")
+    _fill_disk_at(monkeypatch, "w", 1, room=0)
+    assert main(["translate", str(tmp_path / "mt.pt"), str(tmp_path / "src.txt"), "--out", str(out), "--greedy"]) == 2
+    assert capsys.readouterr().err == f"seqgen: error: {out}: cannot write (No space left on device)\n"
+    assert out.read_text() == "the earlier translations\n"
+    assert sorted(os.listdir(tmp_path)) == ["hyp.txt", "mt.pt", "src.txt"]     # no .tmp- file holding the space
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device whose writes fail: ENOSPC)")
+def test_disk_full_when_captioning_is_the_friendly_line_not_the_failed_close(tmp_path, capsys):
+    from seqgen.cli import main
+    ckpt, folder = _caption_checkpoint(tmp_path / "model.pt"), _image_folder(tmp_path / "photos", n=3)
+    out = tmp_path / "caps.jsonl"
+    os.symlink("/dev/full", out)        # every flush fails, and so does the close after it
+    status = main(["caption", str(ckpt), str(folder), "--out", str(out), "--overwrite", "--quiet", "--beam", "1",
+                   "--max-len", "4", "--num-workers", "0"])
+    assert status == 2 and capsys.readouterr().err == (
+        f"seqgen: error: {out}: cannot write the captions (No space left on device); the finished batches are kept, "
+        f"run the same command again to continue\n")
 
 
 def test_out_of_memory_when_captioning_a_folder_keeps_finished_batches(tmp_path):

@@ -55,6 +55,8 @@ class CaptionDataConfig:
     num_workers:      DataLoader processes decoding images (feature extraction, fine-tuning); without it, 0 on
                       a CPU with up to 2 cores (the main process decodes), 1 with up to 4, 2 above; on a GPU
                       half the cores, up to 8
+    allow_outside_images: use image names of the captions and split files that resolve outside --images
+                      (../x.jpg, /abs/x.jpg, a symlink out of the folder); refused by default
     """
 
     images: Folder = ""
@@ -73,6 +75,7 @@ class CaptionDataConfig:
     feature_cache: Folder = ""
     cache_dtype: Literal["float16", "float32"] = "float16"
     num_workers: int | None = None
+    allow_outside_images: bool = False
 
 
 def normalize_caption(text: str, lowercase: bool) -> str:
@@ -104,6 +107,20 @@ def _split_names(path: str, captions: dict[str, list[str]], what: str) -> list[s
         raise SeqgenError(f"{path}: {len(missing)} image(s) of the {what} split have no caption in the captions "
                           f"file ({shown}); fix the split or the captions file")
     return names
+
+
+def _refuse_names_outside(splits: CaptionSplits, names: list[str], captions_path: str) -> None:
+    """Refuse image names that resolve outside the images folder (`../../etc/passwd`, `/etc/shadow`, a symlink
+    out of it), before any of them is opened: the error says neither whether nor what such a file is."""
+    root = os.path.realpath(splits.images_dir)
+    inside = root.rstrip(os.sep) + os.sep
+    outside = [n for n in names if not os.path.realpath(splits.path(n)).startswith(inside)]
+    if outside:
+        shown = ", ".join(repr(n[:100]) for n in outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3
+                                                                 else "")
+        raise SeqgenError(f"{captions_path}: {len(outside)} image name(s) lead outside --images {splits.images_dir} "
+                          f"({shown}); names are relative to --images: fix them, or pass --allow-outside-images to "
+                          f"use files elsewhere")
 
 
 def load_splits(d: CaptionDataConfig, seed: int) -> CaptionSplits:
@@ -143,6 +160,8 @@ def load_splits(d: CaptionDataConfig, seed: int) -> CaptionSplits:
         raise SeqgenError(f"{d.train_split} and {d.valid_split} share {len(overlap)} image(s) (e.g. "
                           f"{sorted(overlap)[0]}); the splits must be disjoint")
     splits = CaptionSplits(train=train, valid=valid, captions=captions, images_dir=d.images)
+    if not d.allow_outside_images:
+        _refuse_names_outside(splits, train + valid, d.captions)
     missing = [n for n in train + valid if not os.path.isfile(splits.path(n))]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -7,36 +7,35 @@ bad file becomes a "skipped" line with its reason, never a crash), runs the CNN 
 one batch at a time (seqgen.inference.captioning), and appends one record per image to a JSONL or CSV file,
 flushed per batch, so a killed run loses at most one batch and a rerun continues where it stopped. Under
 torchrun the processes share the batches and write part files that process 0 merges into the one output, in
-listing order.
+listing order. The file's records, how a rerun recognises them and the merge: seqgen.tasks.caption_records.
 """
 from __future__ import annotations
 
-import csv
-import glob
-import io
-import json
 import operator
 import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from seqgen.atomic import atomic_write, remove_partial_writes
-from seqgen.data.images import (ImageFolderDataset, collate_images, default_num_workers, iter_image_paths,
-                                loader_generator)
+from seqgen.data.images import (IMAGE_EXTENSIONS, ImageFolderDataset, collate_images, default_num_workers,
+                                iter_image_paths, loader_generator)
 from seqgen.distributed import Distributed
 from seqgen.encoders.cnn import build_transform
 from seqgen.errors import SeqgenError, report_out_of_memory
 from seqgen.generation import GenerationConfig
 from seqgen.inference.captioning import Caption, caption_tensor, default_caption_gen, require_captioning
-from seqgen.log import Log, to_stderr
+from seqgen.log import Log, printable, to_stderr
+from seqgen.outputs import acquire_output_lock, refuse_overwriting_inputs
 from seqgen.plots import image_attention_map, require_matplotlib
+from seqgen.tasks.caption_records import (CSV_HEADER, Resolved, batch_records, cell, find_parts, image_key, merge_parts,
+                                          output_format, part_path, read_done, read_records, record_key)
 
 if TYPE_CHECKING:
     from seqgen.model import Seq2Seq
@@ -61,134 +60,6 @@ class FolderSummary:
     def ok(self) -> bool:
         """False when nothing could be captioned (the CLI then exits non-zero)."""
         return self.captioned + self.already_done > 0
-
-
-_CSV_HEADER = ["image", "caption", "score"]
-
-
-def output_format(path: str) -> str:
-    """"jsonl" or "csv" from the extension of `path`."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
-    if ext == ".csv":
-        return "csv"
-    raise SeqgenError(f"--out {path}: unknown output format {ext or '(no extension)'}; use .jsonl or .csv")
-
-
-def image_key(path: str) -> str:
-    """How an image is named in the output (and recognised again on resume)."""
-    return os.path.normpath(path)
-
-
-def _read_records(path: str, fmt: str, *, repair: bool) -> list[tuple[str, str]]:
-    """(image key, record text) of every complete record of the captions file `path`; [] when it is missing.
-
-    A last record cut off by a kill (the bytes after the last newline) is left out and, with `repair`, cut
-    from the file (only the one process that appends to it may do that; its image is captioned again).
-    Anything that is not a seqgen captions file raises SeqgenError rather than being overwritten.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise SeqgenError(f"{path}: cannot read the earlier output ({e.strerror or e})") from None
-    end = data.rfind(b"\n") + 1          # everything after the last newline is an interrupted write
-    # surrogateescape: file names that are not valid UTF-8 are written and read back byte for byte
-    text = data[:end].decode("utf-8", errors="surrogateescape")
-    records: list[tuple[str, str]] = []
-    if fmt == "jsonl":
-        lines = text.split("\n")[:-1]
-        for lineno, line in enumerate(lines, 1):
-            try:
-                records.append((json.loads(line)["image"], line + "\n"))
-            except (ValueError, KeyError, TypeError):
-                raise SeqgenError(f"{path}:{lineno}: not a captions record ({{\"image\", \"caption\", "
-                                  f"\"score\"}}); choose another --out or --overwrite") from None
-    else:
-        rows = list(csv.reader(io.StringIO(text)))
-        if rows and rows[0] != _CSV_HEADER:
-            raise SeqgenError(f"{path}: not a captions CSV (header {','.join(_CSV_HEADER)}); choose another "
-                              f"--out or --overwrite")
-        for lineno, row in enumerate(rows[1:], 2):
-            if len(row) != 3:
-                raise SeqgenError(f"{path}:{lineno}: expected 3 columns (image,caption,score), found {len(row)}")
-            records.append((row[0], _csv_rows([row])))
-    if repair and end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return records
-
-
-def read_done(out_path: str) -> set[str]:
-    """Images already captioned in `out_path` (a JSONL or CSV file from an earlier run).
-
-    A last record cut off by a kill is removed from the file (its image is captioned again); anything else
-    that is not a seqgen captions file raises SeqgenError rather than being overwritten.
-    """
-    return {key for key, _ in _read_records(out_path, output_format(out_path), repair=True)}
-
-
-# Sharded runs (torchrun): process r of W appends to OUT's part file r-of-W; process 0 merges them at the end.
-_PART_NAME = re.compile(r"\.part-(\d+)-of-(\d+)$")
-
-
-def part_path(out_path: str, rank: int, world: int) -> str:
-    """The file process `rank` of `world` writes while a folder is captioned under torchrun, next to the
-    output and in its format: captions.jsonl -> captions.part-0-of-2.jsonl."""
-    stem, ext = os.path.splitext(out_path)
-    return f"{stem}.part-{rank}-of-{world}{ext}"
-
-
-def find_parts(out_path: str) -> list[str]:
-    """The part files of `out_path` that sharded runs left (any rank, any number of processes), in
-    (processes, rank) order."""
-    stem, ext = os.path.splitext(out_path)
-    found = []
-    for path in glob.glob(glob.escape(stem) + ".part-*-of-*" + glob.escape(ext)):
-        match = _PART_NAME.search(path[:len(path) - len(ext)] if ext else path)
-        if match and os.path.isfile(path):
-            found.append(((int(match[2]), int(match[1])), path))
-    return [path for _, path in sorted(found)]
-
-
-def merge_parts(out_path: str, parts: Sequence[str], position: Callable[[str], int | None]) -> int:
-    """Fold the part files into `out_path` and delete them; returns the number of records added.
-
-    The merged file holds the records `out_path` had, then those of the parts whose image is not among them,
-    ordered by `position(image key)` (the image's place in the listing; images it does not know come last,
-    as found): the file one process appending in listing order writes. It is written to a temp file renamed
-    over `out_path`, so a kill leaves the old file and the parts, and the next run merges them again.
-    """
-    fmt = output_format(out_path)
-    remove_partial_writes(out_path)      # the temp file of a merge that was killed
-    old = _read_records(out_path, fmt, repair=False)
-    have = {key for key, _ in old}
-    new: dict[str, tuple[tuple[int, int, int], str]] = {}
-    for p, part in enumerate(parts):
-        for r, (key, text) in enumerate(_read_records(part, fmt, repair=False)):
-            if key not in have and key not in new:
-                pos = position(key)
-                new[key] = ((0, pos, 0) if pos is not None else (1, p, r), text)
-
-    def write(f) -> None:
-        if fmt == "csv":
-            f.write(",".join(_CSV_HEADER) + "\n")
-        f.writelines(text for _, text in old)
-        f.writelines(text for _, text in sorted(new.values(), key=lambda item: item[0]))
-    try:
-        atomic_write(out_path, write, mode="w", encoding="utf-8", errors="surrogateescape", newline="")
-    except OSError as e:
-        raise SeqgenError(f"{out_path}: cannot write the merged captions ({e.strerror or e}); the part files "
-                          f"are kept: run the same command again to merge them") from None
-    for part in parts:       # after the rename: a kill in between leaves parts whose records are all in out_path
-        try:
-            os.unlink(part)
-        except FileNotFoundError:
-            pass
-    return len(new)
 
 
 class _PathBatches:
@@ -225,6 +96,87 @@ def _attention_png_name(path: str, root: str) -> str:
     return re.sub(r"[^\w.-]+", "_", stem.replace(os.sep, "__")) + ".png"
 
 
+class _AttentionNames:
+    """A unique attention-map file name for each listed image, given in listing order: `_attention_png_name`,
+    then -2, -3, ... when an earlier image has it (`a b.jpg` and `a_b.jpg`, `x.jpg` and `x.png`, one name in two
+    input folders; compared ignoring case, as some filesystems do). Every listed image is named, also those
+    captioned by an earlier run, so that a rerun of the same command gives each image the same file."""
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def __call__(self, path: str, root: str) -> str:
+        base = _attention_png_name(path, root)[:-len(".png")]
+        name, n = base, 1
+        while name.casefold() in self.used:
+            n += 1
+            name = f"{base}-{n}"
+        self.used.add(name.casefold())
+        return name + ".png"
+
+
+def _refuse_writing_into_inputs(inputs: Sequence[str], recursive: bool, outputs: dict[str, str | None]) -> None:
+    """Refuse an output that is an input (seqgen.outputs), one of the images an input folder lists
+    (`--skipped photos/a.jpg`), or with `recursive` a map folder inside an input folder (captioned next time)."""
+    refuse_overwriting_inputs(outputs, [("the input", root) for root in inputs])
+    folders = [(root, os.path.realpath(root)) for root in inputs if os.path.isdir(root)]
+    for flag, path in outputs.items():
+        real = os.path.realpath(path) if path else ""
+        for root, folder in folders:
+            if not real.startswith(folder.rstrip(os.sep) + os.sep):
+                continue
+            if flag == "--attention-png" and recursive:
+                raise SeqgenError(f"--attention-png {path} is inside the input folder {root}, and --recursive would "
+                                  f"caption its maps; choose another --attention-png (nothing was written)")
+            listed = recursive or os.path.dirname(real) == folder
+            if listed and os.path.isfile(real) and os.path.splitext(real)[1].lower() in IMAGE_EXTENSIONS:
+                raise SeqgenError(f"{flag} {path} is an image of the input folder {root}; choose another {flag}: "
+                                  f"seqgen never writes over its inputs (nothing was written)")
+
+
+@contextmanager
+def _output_lock(out_path: str, dist: Distributed) -> Iterator[None]:
+    """Process 0 holds the lock of `out_path` (seqgen.outputs) for the block; when another seqgen holds it, every
+    process of this run raises the same one-line error before reading or writing anything."""
+    lock, refusal = None, None
+    if dist.is_main:
+        try:
+            lock = acquire_output_lock(out_path)
+        except SeqgenError as e:
+            refusal = str(e)
+    refusal = dist.broadcast(refusal)
+    if refusal:
+        raise SeqgenError(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@contextmanager
+def _appending(target: str, mode: str, out_path: str):
+    """The captions file `target` opened for writing; a close that fails (a full disk: the last flush) is the same
+    one-line error as a failed write, and never replaces the error that is already on its way."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        f = open(target, mode, encoding="utf-8", errors="surrogateescape", newline="")
+    except OSError as e:
+        raise SeqgenError(f"{target}: cannot write the captions ({e.strerror or e})") from None
+    try:
+        yield f
+    except BaseException:
+        try:
+            f.close()
+        except OSError:
+            pass
+        raise
+    try:
+        f.close()
+    except OSError as e:
+        raise _write_failed(out_path, e) from None
+
+
 def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: GenerationConfig | None = None, *,
                    batch_size: int = 64, num_workers: int | None = None, recursive: bool = False,
                    follow_symlinks: bool = False, resume: bool = True, attention_png_dir: str | None = None,
@@ -234,9 +186,12 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
 
     Records {"image", "caption", "score"} follow the listing order (sorted within each folder). The output is
     flushed after every batch; with `resume` (default) images already in it are skipped, so a killed run is
-    continued by running it again; `resume=False` starts the file over. Unreadable images are listed in the
-    summary with their reason (and in `skipped_path` as path<TAB>reason lines). Memory stays bounded: paths
-    are listed lazily and only a few batches are in flight.
+    continued by running it again; `resume=False` starts the file over. An image is recognised by its folder
+    resolved, so a rerun may spell the folder another way (absolute, ./photos/); records keep the spelling of
+    the run that wrote them. Unreadable images are listed in the summary with their reason (and in
+    `skipped_path` as path<TAB>reason lines). Memory stays bounded: paths are listed lazily and only a few
+    batches are in flight. The output is locked for the run (a second seqgen writing it is refused), and no
+    output may be an input.
 
     Sharded (`dist` from `seqgen.distributed.setup` under torchrun, more than one process): every process
     lists the same images and cuts the same batches; process r captions batches r, r + W, ... into its part
@@ -266,6 +221,20 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
         require_matplotlib()
         if model.decoder.attention is None:
             raise SeqgenError("this model has no attention (--attention none); there are no attention maps to draw")
+    _refuse_writing_into_inputs(inputs, recursive, {"--out": out_path, "--skipped": skipped_path,
+                                                    "--attention-png": attention_png_dir})
+    with _output_lock(out_path, dist):
+        return _caption_locked(model, inputs, out_path, gen, fmt, batch_size=batch_size, num_workers=num_workers,
+                               recursive=recursive, follow_symlinks=follow_symlinks, resume=resume,
+                               attention_png_dir=attention_png_dir, skipped_path=skipped_path, progress=progress,
+                               say=say, dist=dist)
+
+
+def _caption_locked(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: GenerationConfig, fmt: str, *,
+                    batch_size: int, num_workers: int, recursive: bool, follow_symlinks: bool, resume: bool,
+                    attention_png_dir: str | None, skipped_path: str | None, progress: bool, say: Log,
+                    dist: Distributed) -> FolderSummary:
+    """`caption_folder` once its arguments are checked and the output is locked."""
     out_abs = os.path.abspath(out_path)
     parts = find_parts(out_path)
     if not resume and parts:       # starting over: an earlier sharded run's parts go too
@@ -278,17 +247,19 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
     if sharded and not resume and dist.is_main:
         _remove(out_path, out_path)
     dist.barrier()                 # nothing is removed once any process reads or writes
-    done: set[str] = set()
+    resolve = Resolved()
+    done: set[str] = set()         # resolved keys of the images already captioned
     if resume:
-        done = {key for key, _ in _read_records(out_path, fmt, repair=not sharded)}
+        done = {resolve(key) for key, _ in read_records(out_path, fmt, repair=not sharded)}
         for part in parts:
-            done.update(key for key, _ in _read_records(part, fmt, repair=part == target))
+            done.update(resolve(key) for key, _ in read_records(part, fmt, repair=part == target))
     dist.barrier()                 # every process has read the same records before any appends new ones
     summary = FolderSummary(out_path=out_path)
     listing_skips: list[tuple[str, str]] = []        # (path, reason): what the listing passed over
     failures: list[tuple[int, str, str]] = []        # (batch number, path, reason): images that failed to decode
-    # the merge's order: every listed image's position (process 0 of a sharded run only)
+    # the merge's order: every listed image's position, by resolved key (process 0 of a sharded run only)
     order: dict[str, int] | None = {} if sharded and dist.is_main else None
+    png_name = _AttentionNames() if attention_png_dir else None
 
     def listing(on_skip: Callable[[str, str], None] | None) -> Iterator[tuple[str, str]]:
         for root in inputs:
@@ -302,35 +273,32 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
     seen: set[str] = set()
 
     def todo() -> Iterator[tuple[str, str]]:
+        """(attention-map name, path) of each image left to caption."""
         for root, path in listing((lambda p, r: listing_skips.append((p, r))) if dist.is_main else None):
-            key = image_key(path)
+            key = resolve(record_key(path, fmt))
             if key in seen or os.path.abspath(path) == out_abs:
                 continue
             seen.add(key)
+            name = png_name(path, root) if png_name else ""
             if order is not None:
                 order[key] = len(order)
             if key in done:
                 summary.already_done += 1
                 bar.update(1)
                 continue
-            yield root, path
+            yield name, path
 
     transform = build_transform(model.config.image_encoder)
-    # the batch sampler yields (root, path) keys
+    # the batch sampler yields (attention-map name, path) keys
     dataset = ImageFolderDataset(operator.itemgetter(1), transform, draft_size=transform.image_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=_PathBatches(todo(), batch_size, dist.rank, dist.world), num_workers=num_workers,
         collate_fn=collate_images, pin_memory=model.device.type == "cuda", generator=loader_generator())
     new_file = not resume or not os.path.exists(target) or os.path.getsize(target) == 0
     t0 = time.perf_counter()
-    try:
-        os.makedirs(os.path.dirname(out_abs), exist_ok=True)
-        f = open(target, "w" if new_file else "a", encoding="utf-8", errors="surrogateescape", newline="")
-    except OSError as e:
-        raise SeqgenError(f"{target}: cannot write the captions ({e.strerror or e})") from None
-    with f:
+    with _appending(target, "w" if new_file else "a", out_path) as f:
         if new_file and fmt == "csv":
-            _append(f, ",".join(_CSV_HEADER) + "\n", out_path)
+            _append(f, ",".join(CSV_HEADER) + "\n", out_path)
         for k, batch in enumerate(loader):
             number = k * dist.world + dist.rank          # the batch's place among all processes' batches
             failures.extend((number, path, reason) for (_, path), reason in batch.failed)
@@ -340,7 +308,7 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
                                           f"lower --batch-size (now {batch_size}) or --beam; the finished batches "
                                           f"are kept in {out_path}: run again to continue"):
                     captions = caption_tensor(model, batch.images, gen)
-                _append(f, _records(fmt, paths, captions), out_path)   # a kill loses at most one batch
+                _append(f, batch_records(fmt, paths, captions), out_path)   # a kill loses at most one batch
                 summary.captioned += len(captions)
                 if attention_png_dir:
                     summary.attention_maps += _draw_attention(batch.images, batch.indices, captions,
@@ -362,7 +330,7 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
     summary.seconds = time.perf_counter() - t0
     if sharded:
         if dist.is_main:
-            merge_parts(out_path, find_parts(out_path), order.get)
+            merge_parts(out_path, find_parts(out_path), lambda key: order.get(resolve(key)))
         dist.barrier()             # the merged file is complete before any process returns
     if dist.is_main:
         _report(summary, skipped_path, say)
@@ -378,18 +346,9 @@ def _remove(path: str, out_path: str) -> None:
         raise SeqgenError(f"{path}: cannot remove it to start {out_path} over ({e.strerror or e})") from None
 
 
-def _csv_rows(rows: Iterable[Sequence[str]]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
-
-
-def _records(fmt: str, paths: Sequence[str], captions: Sequence[Caption]) -> str:
-    """The output lines of one batch: JSONL {"image", "caption", "score"} or CSV rows."""
-    if fmt == "csv":
-        return _csv_rows([image_key(p), c.text, f"{c.score:.6f}"] for p, c in zip(paths, captions))
-    return "".join(json.dumps({"image": image_key(p), "caption": c.text, "score": round(c.score, 6)},
-                              ensure_ascii=False) + "\n" for p, c in zip(paths, captions))
+def _write_failed(out_path: str, e: OSError) -> SeqgenError:
+    return SeqgenError(f"{out_path}: cannot write the captions ({e.strerror or e}); the finished batches are kept, "
+                       f"run the same command again to continue")
 
 
 def _append(f, text: str, out_path: str) -> None:
@@ -398,24 +357,25 @@ def _append(f, text: str, out_path: str) -> None:
         f.write(text)
         f.flush()
     except OSError as e:
-        raise SeqgenError(f"{out_path}: cannot write the captions ({e.strerror or e}); the finished batches are "
-                          f"kept, run the same command again to continue") from None
+        raise _write_failed(out_path, e) from None
 
 
 def _draw_attention(images: Tensor, items: Sequence[tuple[str, str]], captions: Sequence[Caption],
                     folder: str) -> int:
-    """One PNG per (root, path) in `items` whose caption has attention; returns how many were drawn."""
+    """One PNG per (file name, path) in `items` whose caption has attention; returns how many were drawn."""
     drawn = 0
-    for image, (root, path), c in zip(images, items, captions):
+    for image, (name, _), c in zip(images, items, captions):
         if c.attention is None or not c.words:
             continue
         image_attention_map(image.permute(1, 2, 0).numpy(), c.attention, c.words, c.grid,
-                            os.path.join(folder, _attention_png_name(path, root)), title=c.text)
+                            os.path.join(folder, name), title=c.text)
         drawn += 1
     return drawn
 
 
 def _report(summary: FolderSummary, skipped_path: str | None, say: Log) -> None:
+    """The summary line, one line per skipped image (file names escaped, whatever `say` prints to) and the
+    --skipped file (path<TAB>reason, each a spreadsheet-safe one-line `cell`)."""
     s = summary
     parts = [f"captioned {s.captioned:,} image(s) in {s.seconds:.1f}s ({s.images_per_second:.1f} img/s) "
              f"into {s.out_path}"]
@@ -423,15 +383,15 @@ def _report(summary: FolderSummary, skipped_path: str | None, say: Log) -> None:
         parts.append(f"{s.already_done:,} already there from an earlier run")
     if s.skipped:
         parts.append(f"{len(s.skipped):,} skipped")
-    say("seqgen: " + "; ".join(parts))
+    say(printable("seqgen: " + "; ".join(parts)))
     for path, reason in s.skipped[:50]:
-        say(f"  skipped {path}: {reason}")
+        say(printable(f"  skipped {path}: {reason}"))
     if len(s.skipped) > 50:
-        say(f"  ... and {len(s.skipped) - 50} more" + (f" (all in {skipped_path})" if skipped_path else ""))
+        say(printable(f"  ... and {len(s.skipped) - 50} more" + (f" (all in {skipped_path})" if skipped_path else "")))
     if skipped_path:
         try:
             with open(skipped_path, "w", encoding="utf-8", errors="surrogateescape") as f:
-                f.writelines(f"{p}\t{r}\n" for p, r in s.skipped)
+                f.writelines(f"{cell(p)}\t{cell(r)}\n" for p, r in s.skipped)
         except OSError as e:
             raise SeqgenError(f"{skipped_path}: cannot write the list of skipped images ({e.strerror or e})") from None
     if s.attention_maps:
@@ -439,4 +399,4 @@ def _report(summary: FolderSummary, skipped_path: str | None, say: Log) -> None:
 
 
 __all__ = ["FolderSummary", "caption_folder", "find_parts", "image_key", "merge_parts", "output_format",
-           "part_path", "read_done"]
+           "part_path", "read_done", "record_key"]

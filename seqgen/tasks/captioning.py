@@ -40,7 +40,7 @@ from seqgen.inference.captioning import caption_tensor
 from seqgen.log import Log, main_process_log, warning
 from seqgen.metrics import caption_bleu, cider_d
 from seqgen.model import ModelConfig, Seq2Seq
-from seqgen.runs import check_out_dir, load_resume_run
+from seqgen.runs import check_out_dir, holds_run_folder, load_resume_run
 from seqgen.tokenizers import TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 
@@ -115,6 +115,7 @@ def _check_data_config(d: CaptionDataConfig) -> None:
 
 
 @entry_point
+@holds_run_folder
 def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = False, overrides: dict | None = None,
                      log: Log | None = None) -> TrainState:
     """Train (or resume) a captioning model; checkpoints and metrics.jsonl go to `out_dir`.

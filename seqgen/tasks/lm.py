@@ -16,7 +16,7 @@ from seqgen.errors import SeqgenError
 from seqgen.log import Log
 from seqgen.metrics import perplexity
 from seqgen.model import ModelConfig, Seq2Seq
-from seqgen.runs import check_out_dir, load_resume_run
+from seqgen.runs import check_out_dir, holds_run_folder, load_resume_run
 from seqgen.tokenizers import TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 
@@ -99,6 +99,7 @@ def make_evaluate(valid_ids: torch.Tensor, seq_len: int, streams: int, bos: int,
 
 
 @entry_point
+@holds_run_folder
 def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides: dict | None = None,
              log: Log | None = None) -> TrainState:
     """Train (or resume) a language model on `run.data.text`; checkpoints go to `out_dir`.

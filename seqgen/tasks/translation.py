@@ -29,7 +29,7 @@ from seqgen.inference.translation import translate
 from seqgen.log import Log, main_process_log, quiet, warning
 from seqgen.metrics import corpus_scores, perplexity
 from seqgen.model import ModelConfig, Seq2Seq
-from seqgen.runs import check_out_dir, load_resume_run
+from seqgen.runs import check_out_dir, holds_run_folder, load_resume_run
 from seqgen.tokenizers import SubwordTokenizer, TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 from seqgen.vocab import SPECIALS, Vocab
@@ -210,6 +210,7 @@ def make_evaluate(valid: ParallelCorpus, gen: GenerationConfig,
 
 
 @entry_point
+@holds_run_folder
 def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool = False,
                       overrides: dict | None = None, log: Log | None = None) -> TrainState:
     """Train (or resume) a translation model; checkpoints and metrics.jsonl go to `out_dir`.
