@@ -233,11 +233,8 @@ def cmd_train_translation(args: argparse.Namespace) -> int:
 
 
 def _read_source(path: str) -> list[str]:
-    from seqgen.data.text import decode_utf8, read_lines
-    if path != "-":
-        return read_lines(path, allow_empty=True)
-    lines = decode_utf8(sys.stdin.buffer.read(), "<stdin>").replace("\r\n", "\n").split("\n")
-    return lines[:-1] if lines and lines[-1] == "" else lines
+    from seqgen.data.text import read_lines, read_stream_lines
+    return read_lines(path, allow_empty=True) if path != "-" else read_stream_lines(sys.stdin.buffer)
 
 
 def _write_text(path: str, text: str) -> None:
