@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "model's name (e.g. shakespeare-char)")
     gen.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: empty)")
     gen.add_argument("--num-samples", type=int, default=1, metavar="N",
-                     help="how many continuations to generate (with --beam N, --n-best says how many) "
-                          "(default: 1)")
+                     help="how many continuations to generate, at most 1,000 (with --beam N, --n-best says how "
+                          "many) (default: 1)")
     gen.add_argument("--greedy", action="store_true", help="deterministic: always the most likely token")
     _add_generation_flags(gen, decoding_defaults("generate"))
 
@@ -414,8 +414,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from seqgen.distributed import resolve_device
     from seqgen.serve.config import ServeConfig
     from seqgen.serve.models import load_served
-    cfg = from_dict(ServeConfig, flags_to_dict(args).get("serve", {}), where="flags")
-    cfg.validate()
+    cfg = from_dict(ServeConfig, flags_to_dict(args).get("serve", {}), where=None)
     torch.manual_seed(args.seed)
     served = load_served(args.models, device=resolve_device(args.device))
     app = create_app(served, cfg)

@@ -30,7 +30,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Literal, Protocol
+from typing import Annotated, Callable, Iterable, Iterator, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from seqgen.atomic import atomic_write, remove_partial_writes
 from seqgen.checkpoint import load_checkpoint, save_checkpoint
-from seqgen.config import Device, from_dict, to_dict
+from seqgen.config import Bounds, Count, Device, NonNegative, Positive, Rate, Seed, from_dict, to_dict, validate
 from seqgen.data.batch import Batch
 from seqgen.data.batching import shard_positions
 from seqgen.distributed import Distributed, setup
@@ -83,28 +83,28 @@ class TrainConfig:
     progress:         show a progress bar
     """
 
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    clip_norm: float = 1.0
+    lr: Annotated[float, Bounds(0.0, low_open=True)] = 2e-3
+    weight_decay: NonNegative = 0.01
+    clip_norm: NonNegative = 1.0
     schedule: Literal["constant", "cosine", "plateau"] = "cosine"
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    plateau_factor: float = 0.5
-    plateau_patience: int = 2
-    label_smoothing: float = 0.0
-    ema: float = 0.0
-    max_steps: int = 5000
-    max_epochs: int = 1000
-    time_budget: float = 0.0
-    eval_every: int = 500
-    log_every: int = 50
-    checkpoint_every: int = 500
-    patience: int = 0
-    max_bad_steps: int = 5
-    accumulate: int = 1
+    warmup_steps: Count = 100
+    min_lr_ratio: Annotated[float, Bounds(0.0, 1.0)] = 0.1
+    plateau_factor: Annotated[float, Bounds(0.0, 1.0, low_open=True)] = 0.5
+    plateau_patience: Positive = 2
+    label_smoothing: Rate = 0.0
+    ema: Rate = 0.0
+    max_steps: Positive = 5000
+    max_epochs: Positive = 1000
+    time_budget: NonNegative = 0.0
+    eval_every: Positive = 500
+    log_every: Positive = 50
+    checkpoint_every: Positive = 500
+    patience: Count = 0
+    max_bad_steps: Positive = 5
+    accumulate: Positive = 1
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     compile: bool = False
-    seed: int = 1
+    seed: Seed = 1
     device: Device = "auto"
     progress: bool = True
 
@@ -205,8 +205,7 @@ class Trainer:
                  out_dir: str, *, metric: str = "loss", mode: Literal["min", "max"] = "min",
                  run_config: dict | None = None, log: Log | None = None,
                  dist: Distributed | None = None, objective: nn.Module | None = None):
-        if cfg.accumulate < 1:
-            raise SeqgenError(f"--accumulate must be >= 1, got {cfg.accumulate}")
+        validate(cfg)
         self.cfg, self.data, self.evaluate = cfg, data, evaluate
         self.out_dir, self.metric, self.mode = out_dir, metric, mode
         self.run_config = run_config or {}
@@ -349,7 +348,10 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------------------
     def _improved(self, value: float) -> bool:
+        """A finite score better than the best so far (a NaN validation loss is never best)."""
         best = self.state.best
+        if not math.isfinite(value):
+            return False
         return best is None or (value < best if self.mode == "min" else value > best)
 
     def run_eval(self) -> bool:

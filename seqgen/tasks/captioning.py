@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 
 from torch import Tensor
 
-from seqgen.config import to_dict
+from seqgen.config import to_dict, validate
 from seqgen.data.captions import (CachedCaptionBatches, CaptionDataConfig, CaptionExamples, ImageCaptionBatches,
                                   cached_valid_batches, image_valid_batches, load_splits)
 from seqgen.data.features import FeatureCache
@@ -106,14 +106,6 @@ def make_evaluate(names: Sequence[str], references: Sequence[Sequence[str]],
 _VOCAB_KEYS = ("level", "lowercase", "min_freq", "vocab_size")
 
 
-def _check_data_config(d: CaptionDataConfig) -> None:
-    for name in ("batch_size", "valid_batch_size", "max_len", "min_freq"):
-        if getattr(d, name) < 1:
-            raise SeqgenError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(d, name)}")
-    if (d.num_workers is not None and d.num_workers < 0) or d.valid_limit < 0:
-        raise SeqgenError("--num-workers and --valid-limit must be >= 0")
-
-
 @entry_point
 def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = False, overrides: dict | None = None,
                      log: Log | None = None) -> TrainState:
@@ -126,13 +118,12 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
     early stopping (`run.train.patience`). Under torchrun every process calls this (data parallelism, see
     seqgen/distributed.py): process 0 computes the feature cache, the others then read it.
     """
+    validate(run)
     resume_path = check_out_dir(out_dir, resume)
     model: Seq2Seq | None = None
     if resume_path:
         run, model = load_resume_run(resume_path, "captioning", CaptionRunConfig, overrides, vocab_keys=_VOCAB_KEYS)
     d = run.data
-    _check_data_config(d)
-    run.eval.validate()
     dist = setup(run.train.device)
     say = main_process_log(log, dist.is_main)
     splits = load_splits(d, run.train.seed)

@@ -3,12 +3,12 @@ validation (generating from a prompt is seqgen.inference.lm)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
-from seqgen.config import File, to_dict
+from seqgen.config import MAX_VOCAB, Bounds, File, Positive, to_dict, validate
 from seqgen.data.text import LMBatches, read_text
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.distributed import entry_point
@@ -37,12 +37,12 @@ class LMDataConfig:
 
     text: File = ""
     level: Literal["char", "word", "subword"] = "char"
-    valid_fraction: float = 0.1
-    seq_len: int = 256
-    batch_size: int = 64
-    min_freq: int = 1
-    max_vocab: int = 0
-    vocab_size: int = 8000
+    valid_fraction: Annotated[float, Bounds(0.0, 1.0, low_open=True, high_open=True)] = 0.1
+    seq_len: Annotated[int, Bounds(1, 1_000_000)] = 256
+    batch_size: Positive = 64
+    min_freq: Positive = 1
+    max_vocab: Annotated[int, Bounds(0, MAX_VOCAB)] = 0
+    vocab_size: Annotated[int, Bounds(1, MAX_VOCAB)] = 8000
 
 
 @dataclass
@@ -104,6 +104,7 @@ def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides:
     """Train (or resume) a language model on `run.data.text`; checkpoints go to `out_dir`.
 
     Under torchrun every process calls this (data parallelism, see seqgen/distributed.py)."""
+    validate(run)
     resume_path = check_out_dir(out_dir, resume)
     if resume_path:
         run, model = load_resume_run(resume_path, "lm", LMRunConfig, overrides,
