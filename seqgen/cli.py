@@ -29,6 +29,8 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="run folder: last.pt, best.pt, metrics.jsonl")
     p.add_argument("--config", metavar="FILE", help="YAML file with the same keys as the flags (flags win)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue although a data file differs from the one the run trained on")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, defaults, skip: tuple[str, ...] = ()) -> None:
@@ -204,7 +206,7 @@ def _search_gen(args: argparse.Namespace, defaults):
 def cmd_train_lm(args: argparse.Namespace) -> int:
     from seqgen.tasks.lm import LMRunConfig, train_lm
     run, flags = build_run_config(LMRunConfig, args)
-    state = train_lm(run, args.out, resume=args.resume, overrides=flags)
+    state = train_lm(run, args.out, resume=args.resume, overrides=flags, allow_data_change=args.allow_data_change)
     _print_once(f"done: {state.step} steps, best validation loss {state.best:.4f}; model in {args.out}/best.pt")
     return 0
 
@@ -226,7 +228,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_train_translation(args: argparse.Namespace) -> int:
     from seqgen.tasks.translation import TranslationRunConfig, train_translation
     run, overrides = build_run_config(TranslationRunConfig, args)
-    state = train_translation(run, args.out, resume=args.resume, overrides=overrides)
+    state = train_translation(run, args.out, resume=args.resume, overrides=overrides,
+                              allow_data_change=args.allow_data_change)
     best = f"{state.best:.2f}" if state.best is not None else "n/a"
     _print_once(f"done: {state.step} steps, best validation BLEU {best}; model in {args.out}/best.pt")
     return 0
@@ -322,7 +325,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_train_captioning(args: argparse.Namespace) -> int:
     from seqgen.tasks.captioning import CaptionRunConfig, train_captioning
     run, overrides = build_run_config(CaptionRunConfig, args)
-    state = train_captioning(run, args.out, resume=args.resume, overrides=overrides)
+    state = train_captioning(run, args.out, resume=args.resume, overrides=overrides,
+                             allow_data_change=args.allow_data_change)
     best = f"{state.best:.3f}" if state.best is not None else "n/a"
     _print_once(f"done: {state.step} steps, best validation CIDEr-D {best}; model in {args.out}/best.pt")
     return 0

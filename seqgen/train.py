@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from seqgen.atomic import atomic_write, remove_partial_writes
-from seqgen.checkpoint import load_checkpoint, save_checkpoint
+from seqgen.checkpoint import load_checkpoint, payload_json, save_checkpoint
 from seqgen.config import Bounds, Count, Device, NonNegative, Positive, Rate, Seed, from_dict, to_dict, validate
 from seqgen.data.batch import Batch
 from seqgen.data.batching import shard_positions
@@ -204,11 +204,13 @@ class Trainer:
     def __init__(self, model: Seq2Seq, data: BatchSource, evaluate: Evaluate, cfg: TrainConfig,
                  out_dir: str, *, metric: str = "loss", mode: Literal["min", "max"] = "min",
                  run_config: dict | None = None, log: Log | None = None,
-                 dist: Distributed | None = None, objective: nn.Module | None = None):
+                 dist: Distributed | None = None, objective: nn.Module | None = None,
+                 data_fingerprint: dict | None = None):
         validate(cfg)
         self.cfg, self.data, self.evaluate = cfg, data, evaluate
         self.out_dir, self.metric, self.mode = out_dir, metric, mode
         self.run_config = run_config or {}
+        self.data_fingerprint = data_fingerprint   # seqgen.runs.data_fingerprint: --resume checks the data
         self.dist = dist or setup(cfg.device)
         self.device = self.dist.device
         self.model = model.to(self.device)
@@ -235,7 +237,10 @@ class Trainer:
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self._saved_step: int | None = None   # step of the last.pt on disk, for the out-of-memory advice
         if self.dist.is_main:
-            os.makedirs(out_dir, exist_ok=True)
+            try:
+                os.makedirs(out_dir, exist_ok=True)
+            except OSError as e:
+                raise SeqgenError(f"--out {out_dir}: cannot create the run folder ({e.strerror or e})") from None
             for path in (self.last_path, self.best_path):  # what a run killed mid-save left behind
                 remove_partial_writes(path)
         # the loss a step minimises: cross-entropy, or a task's own objective (a module: Batch -> scalar loss,
@@ -269,6 +274,8 @@ class Trainer:
         payload = self.model.to_payload()
         payload["run_config"] = json.dumps(self.run_config)
         payload["metrics"] = json.dumps({"step": self.state.step, "best": self.state.best})
+        if self.data_fingerprint is not None:
+            payload["data_fingerprint"] = json.dumps(self.data_fingerprint)
         if with_trainer:
             # No RNG state: dropout is reseeded from (seed, step, slot) every step (see dropout_seed).
             payload["trainer"] = {"state": json.dumps(to_dict(self.state)), "optimizer": self.optimizer.state_dict()}
@@ -310,14 +317,23 @@ class Trainer:
             raise SeqgenError(f"{path}: weights do not match this run's model config "
                               f"({str(e).splitlines()[0][:160]})") from None
         tr = payload["trainer"]
-        self.optimizer.load_state_dict(tr["optimizer"])
-        if self.scaler.is_enabled() and "grad_scaler" in tr:
-            self.scaler.load_state_dict(tr["grad_scaler"])
+        if not isinstance(tr, dict):
+            raise SeqgenError(f"{path}: the checkpoint's trainer entry is not the mapping seqgen writes")
+        state = payload_json(tr, "state", path)
+        if isinstance(state, dict) and isinstance(state.get("best"), float) and not math.isfinite(state["best"]):
+            state["best"] = None    # a NaN validation score marked best before seqgen refused them: none is best
+        self.state = from_dict(TrainState, state, where=path)
+        try:
+            self.optimizer.load_state_dict(tr["optimizer"])
+            if self.scaler.is_enabled() and "grad_scaler" in tr:
+                self.scaler.load_state_dict(tr["grad_scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise SeqgenError(f"{path}: the checkpoint's optimizer state does not fit this run's model "
+                              f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
         if self.ema is not None:
             self.ema = WeightEMA(self.model, self.cfg.ema)   # a run that had no average starts one here
             if "ema" in tr:
                 self.ema.load_state_dict(tr["ema"], where=path)
-        self.state = from_dict(TrainState, json.loads(tr["state"]), where=path)
         self._saved_step = self.state.step
         self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                   f"batch {self.state.batch_in_epoch})")

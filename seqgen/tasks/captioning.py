@@ -40,7 +40,7 @@ from seqgen.inference.captioning import caption_tensor
 from seqgen.log import Log, main_process_log, warning
 from seqgen.metrics import caption_bleu, cider_d
 from seqgen.model import ModelConfig, Seq2Seq
-from seqgen.runs import check_out_dir, load_resume_run
+from seqgen.runs import check_out_dir, data_fingerprint, load_resume_run
 from seqgen.tokenizers import TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 
@@ -108,7 +108,7 @@ _VOCAB_KEYS = ("level", "lowercase", "min_freq", "vocab_size")
 
 @entry_point
 def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = False, overrides: dict | None = None,
-                     log: Log | None = None) -> TrainState:
+                     log: Log | None = None, allow_data_change: bool = False) -> TrainState:
     """Train (or resume) a captioning model; checkpoints and metrics.jsonl go to `out_dir`.
 
     Frozen backbone: the features of the training and validation images are computed once into
@@ -116,13 +116,16 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
     Otherwise the images are decoded for every batch and the backbone trains (from `finetune_from` on).
     Validation CIDEr-D (decoding with `run.eval`) every `run.train.eval_every` steps picks best.pt and drives
     early stopping (`run.train.patience`). Under torchrun every process calls this (data parallelism, see
-    seqgen/distributed.py): process 0 computes the feature cache, the others then read it.
+    seqgen/distributed.py): process 0 computes the feature cache, the others then read it. allow_data_change:
+    resume although the captions or split files are not the ones the checkpoint was trained on (the images
+    themselves are not fingerprinted).
     """
     validate(run)
     resume_path = check_out_dir(out_dir, resume)
     model: Seq2Seq | None = None
     if resume_path:
-        run, model = load_resume_run(resume_path, "captioning", CaptionRunConfig, overrides, vocab_keys=_VOCAB_KEYS)
+        run, model = load_resume_run(resume_path, "captioning", CaptionRunConfig, overrides, vocab_keys=_VOCAB_KEYS,
+                                     allow_data_change=allow_data_change)
     d = run.data
     dist = setup(run.train.device)
     say = main_process_log(log, dist.is_main)
@@ -180,7 +183,7 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
 
     evaluate = make_evaluate(valid_names, references, valid_batches, run.eval)
     trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="cider", mode="max",
-                      run_config=to_dict(run), log=log, dist=dist)
+                      run_config=to_dict(run), log=log, dist=dist, data_fingerprint=data_fingerprint(d))
     if resume_path:
         trainer.resume(resume_path)
     else:

@@ -29,7 +29,7 @@ from seqgen.inference.translation import translate
 from seqgen.log import Log, main_process_log, quiet, warning
 from seqgen.metrics import corpus_scores, perplexity
 from seqgen.model import ModelConfig, Seq2Seq
-from seqgen.runs import check_out_dir, load_resume_run
+from seqgen.runs import check_out_dir, data_fingerprint, load_resume_run
 from seqgen.tokenizers import SubwordTokenizer, TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 from seqgen.vocab import SPECIALS, Vocab
@@ -211,12 +211,14 @@ def make_evaluate(valid: ParallelCorpus, gen: GenerationConfig,
 
 @entry_point
 def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool = False,
-                      overrides: dict | None = None, log: Log | None = None) -> TrainState:
+                      overrides: dict | None = None, log: Log | None = None,
+                      allow_data_change: bool = False) -> TrainState:
     """Train (or resume) a translation model; checkpoints and metrics.jsonl go to `out_dir`.
 
     Validation BLEU (sacreBLEU, decoding with `run.eval`) every `run.train.eval_every` steps picks best.pt
     and drives early stopping (`run.train.patience`). Under torchrun every process calls this (data
-    parallelism, see seqgen/distributed.py); process 0 alone prints.
+    parallelism, see seqgen/distributed.py); process 0 alone prints. allow_data_change: resume although a
+    data file is not the one the checkpoint was trained on.
     """
     validate(run)
     say = main_process_log(log, is_main_process())
@@ -224,7 +226,7 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
     model: Seq2Seq | None = None
     if resume_path:
         run, model = load_resume_run(resume_path, "translation", TranslationRunConfig, overrides,
-                                     vocab_keys=_VOCAB_KEYS)
+                                     vocab_keys=_VOCAB_KEYS, allow_data_change=allow_data_change)
         check_codecs_match(model, run.data, resume_path)
     d = run.data
 
@@ -254,7 +256,7 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
 
     evaluate = make_evaluate(valid, run.eval, d.valid_batch_size)
     trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="bleu", mode="max",
-                      run_config=to_dict(run), log=log)
+                      run_config=to_dict(run), log=log, data_fingerprint=data_fingerprint(d))
     if resume_path:
         trainer.resume(resume_path)
     else:
