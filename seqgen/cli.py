@@ -2,7 +2,8 @@
 
 Flags come from the same dataclasses as the YAML configs (seqgen.config), so every config key is also a
 flag, documented once in its dataclass's docstring. Library errors (`SeqgenError`) become one line
-`seqgen: error: ...` and exit status 2.
+`seqgen: error: ...` and exit status 2; Ctrl-C and SIGTERM one line (how to continue, where a command can) and
+exit status 130 and 143 (128 + the signal's number, as shells report it).
 
 Modules that import torch (and the two that pull in tempfile or importlib.resources: seqgen.atomic,
 seqgen.zoo) are imported inside the functions that need them, so that `import seqgen.cli` (the console
@@ -19,7 +20,7 @@ import traceback
 
 from seqgen.allocator import tune_cpu_allocator
 from seqgen.config import add_dataclass_flags, add_run_flags, build_run_config, flags_to_dict, from_dict, to_dict
-from seqgen.errors import LINE_BREAKS, SeqgenError
+from seqgen.errors import LINE_BREAKS, SeqgenError, Terminated, sigterm_interrupts
 from seqgen.log import to_stderr
 from seqgen.metrics import corpus_scores
 from seqgen.plots import attention_heatmap, loss_curve, require_matplotlib
@@ -359,11 +360,11 @@ def _caption(args: argparse.Namespace) -> int:
                                  follow_symlinks=args.follow_symlinks, resume=not args.overwrite,
                                  attention_png_dir=args.attention_png, skipped_path=args.skipped,
                                  progress=not args.quiet, dist=dist)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         kept = args.out if dist.world == 1 else f"{args.out} and its part files"
         to_stderr(f"seqgen: interrupted; every finished batch is kept in {kept}: run the same command again to "
                   f"continue")
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     if not summary.ok:
         to_stderr(f"seqgen: error: no image could be captioned ({len(summary.skipped)} skipped)")
         return 1
@@ -447,21 +448,34 @@ COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate,
 _ESCAPE_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in LINE_BREAKS}
 
 
+# What an interrupted command can do next (the others just stop).
+_AFTER_INTERRUPT = {"train": "the last checkpoint is intact; continue with --resume",
+                    "caption": "every finished batch is kept in --out: run the same command again to continue"}
+
+
+def interrupted(command: str, error: KeyboardInterrupt) -> int:
+    """Say that `command` stopped on Ctrl-C or SIGTERM, and how to continue where it can; the exit status."""
+    after = _AFTER_INTERRUPT.get(command)
+    to_stderr(f"seqgen: {'terminated' if isinstance(error, Terminated) else 'interrupted'}"
+              + (f" ({after})" if after else ""))
+    return 143 if isinstance(error, Terminated) else 130
+
+
 def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()   # process-wide, so the entry point decides it, not the library (see seqgen/allocator.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = COMMANDS[(args.command, getattr(args, "task", None))]
     try:
-        return handler(args)
+        with sigterm_interrupts():
+            return handler(args)
     except SeqgenError as e:
         if args.debug:
             traceback.print_exc()
         to_stderr(f"seqgen: error: {str(e).translate(_ESCAPE_LINE_BREAKS)}")
         return 2
-    except KeyboardInterrupt:
-        to_stderr("seqgen: interrupted (the last checkpoint is intact; continue with --resume)")
-        return 130
+    except KeyboardInterrupt as e:
+        return interrupted(args.command, e)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,14 @@
 
 Library code raises `SeqgenError` with a message a user can act on (file, line, numbers, what to do);
 the CLI prints it as one line `seqgen: error: ...` and exits with status 2. Tracebacks only with --debug.
-A value the user gave appears in a message through `cut_repr` (bounded, whatever the value).
+A value the user gave appears in a message through `cut_repr` (bounded, whatever the value); SIGTERM stops a
+command as Ctrl-C does (`Terminated`, `sigterm_interrupts`).
 """
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,6 +23,34 @@ _CPU_OOM_MESSAGES = ("can't allocate memory", "not enough memory")
 
 class SeqgenError(Exception):
     """A user-facing error: the message is one line naming the file/argument and what to do."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (inside `sigterm_interrupts`), raised wherever the program is, as Ctrl-C raises KeyboardInterrupt:
+    the same clean-up runs and the CLI says how to continue."""
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` in this process (from the main thread only; processes forked
+    inside, such as DataLoader workers, die of it as before)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class OutOfMemory(SeqgenError):
