@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from typing import Any
 
@@ -22,6 +23,7 @@ from seqgen.errors import SeqgenError
 
 FORMAT = "seqgen-checkpoint"
 VERSION = 1
+MAX_JSON_CHARS = 1 << 20     # a config or state entry (JSON text) of a payload
 
 
 def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
@@ -98,6 +100,26 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if hashlib.sha256(data).hexdigest() != outer.get("sha256"):
         raise SeqgenError(f"{path}: checksum mismatch: the checkpoint is corrupt (truncated or modified)")
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:
         raise SeqgenError(f"{path}: checkpoint payload cannot be read safely ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(payload, dict):
+        raise SeqgenError(f"{path}: the checkpoint's payload is a {type(payload).__name__}, not the mapping seqgen "
+                          f"writes (not a seqgen model, or modified)")
+    return payload
+
+
+def payload_json(payload: dict[str, Any], key: str, where: str) -> Any:
+    """The JSON text `payload[key]` (a config, a run config, a trainer state) parsed; SeqgenError naming `where` if
+    it is missing, not text, longer than MAX_JSON_CHARS, invalid or nested too deeply."""
+    text = payload.get(key)
+    if text is None:
+        raise SeqgenError(f"{where}: the checkpoint has no {key} entry")
+    if not isinstance(text, str) or len(text) > MAX_JSON_CHARS:
+        raise SeqgenError(f"{where}: the checkpoint's {key} entry is not the JSON text seqgen writes")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise SeqgenError(f"{where}: the checkpoint's {key} entry is nested too deeply") from None
+    except ValueError as e:
+        raise SeqgenError(f"{where}: the checkpoint's {key} entry is not valid JSON ({e})") from None

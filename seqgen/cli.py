@@ -2,7 +2,8 @@
 
 Flags come from the same dataclasses as the YAML configs (seqgen.config), so every config key is also a
 flag, documented once in its dataclass's docstring. Library errors (`SeqgenError`) become one line
-`seqgen: error: ...` and exit status 2.
+`seqgen: error: ...` and exit status 2; Ctrl-C and SIGTERM one line (how to continue, where a command can) and
+exit status 130 and 143 (128 + the signal's number, as shells report it).
 
 Modules that import torch (and the two that pull in tempfile or importlib.resources: seqgen.atomic,
 seqgen.zoo) are imported inside the functions that need them, so that `import seqgen.cli` (the console
@@ -11,7 +12,6 @@ script, the scripts/ wrappers, the tests) stays cheap; everything else is import
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -19,8 +19,8 @@ import sys
 import traceback
 
 from seqgen.allocator import tune_cpu_allocator
-from seqgen.config import add_dataclass_flags, add_run_flags, build_run_config, flags_to_dict, from_dict, to_dict
-from seqgen.errors import SeqgenError
+from seqgen.config import add_dataclass_flags, add_run_flags, build_run_config, flags_to_dict, from_dict
+from seqgen.errors import SeqgenError, Terminated, sigterm_interrupts
 from seqgen.log import printable, to_stderr
 from seqgen.metrics import corpus_scores
 from seqgen.outputs import acquire_output_lock, holding, refuse_overwriting_inputs
@@ -31,6 +31,8 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="run folder: last.pt, best.pt, metrics.jsonl")
     p.add_argument("--config", metavar="FILE", help="YAML file with the same keys as the flags (flags win)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue although a data file differs from the one the run trained on")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, defaults, skip: tuple[str, ...] = ()) -> None:
@@ -69,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "model's name (e.g. shakespeare-char)")
     gen.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: empty)")
     gen.add_argument("--num-samples", type=int, default=1, metavar="N",
-                     help="how many continuations to generate (with --beam N, --n-best says how many) "
-                          "(default: 1)")
+                     help="how many continuations to generate, at most 1,000 (with --beam N, --n-best says how "
+                          "many) (default: 1)")
     gen.add_argument("--greedy", action="store_true", help="deterministic: always the most likely token")
     gen.add_argument("--stream", action="store_true",
                      help="print the text as it is produced (beam search: the part every beam agrees on)")
@@ -223,14 +225,13 @@ def _search_gen(args: argparse.Namespace, defaults):
 def cmd_train_lm(args: argparse.Namespace) -> int:
     from seqgen.tasks.lm import LMRunConfig, train_lm
     run, flags = build_run_config(LMRunConfig, args)
-    state = train_lm(run, args.out, resume=args.resume, overrides=flags)
+    state = train_lm(run, args.out, resume=args.resume, overrides=flags, allow_data_change=args.allow_data_change)
     _print_once(f"done: {state.step} steps, best validation loss {state.best:.4f}; model in {args.out}/best.pt")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from seqgen.distributed import resolve_device
-    from seqgen.inference.lm import generate_text
     from seqgen.model import load_model
     gen = _search_gen(args, decoding_defaults("generate"))
     if args.stream and args.num_samples > 1 and gen.beam == 1:
@@ -265,7 +266,8 @@ def _generate_one(model, prompt: str, gen, args: argparse.Namespace) -> None:
 def cmd_train_translation(args: argparse.Namespace) -> int:
     from seqgen.tasks.translation import TranslationRunConfig, train_translation
     run, overrides = build_run_config(TranslationRunConfig, args)
-    state = train_translation(run, args.out, resume=args.resume, overrides=overrides)
+    state = train_translation(run, args.out, resume=args.resume, overrides=overrides,
+                              allow_data_change=args.allow_data_change)
     best = f"{state.best:.2f}" if state.best is not None else "n/a"
     _print_once(f"done: {state.step} steps, best validation BLEU {best}; model in {args.out}/best.pt")
     return 0
@@ -355,11 +357,12 @@ def _translate(args: argparse.Namespace) -> int:
             finally:
                 if out is not None and out is not sys.stdout:
                     out.close()
-    except KeyboardInterrupt:
-        kept = (f"; the finished chunks are kept in {args.out}: run the same command again to continue"
-                if args.out != "-" and args.input != "-" and not interactive else "")
-        to_stderr(f"seqgen: interrupted{kept}")
-        return 130
+    except KeyboardInterrupt as e:
+        if interactive or args.out == "-" or args.input == "-" or not os.path.isfile(args.input):
+            raise                                   # nothing to continue: main says "interrupted"
+        to_stderr(f"seqgen: {'terminated' if isinstance(e, Terminated) else 'interrupted'} (the finished chunks "
+                  f"are kept in {args.out}: run the same command again to continue)")
+        return 143 if isinstance(e, Terminated) else 130
     if draw is not None and dist.is_main:
         to_stderr(f"seqgen: {draw.count} attention map(s) in {args.attention_png}")
     return 0
@@ -422,7 +425,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_train_captioning(args: argparse.Namespace) -> int:
     from seqgen.tasks.captioning import CaptionRunConfig, train_captioning
     run, overrides = build_run_config(CaptionRunConfig, args)
-    state = train_captioning(run, args.out, resume=args.resume, overrides=overrides)
+    state = train_captioning(run, args.out, resume=args.resume, overrides=overrides,
+                             allow_data_change=args.allow_data_change)
     best = f"{state.best:.3f}" if state.best is not None else "n/a"
     _print_once(f"done: {state.step} steps, best validation CIDEr-D {best}; model in {args.out}/best.pt")
     return 0
@@ -455,11 +459,11 @@ def _caption(args: argparse.Namespace) -> int:
                                  follow_symlinks=args.follow_symlinks, resume=not args.overwrite,
                                  attention_png_dir=args.attention_png, skipped_path=args.skipped,
                                  progress=not args.quiet, dist=dist)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         kept = args.out if dist.world == 1 else f"{args.out} and its part files"
         to_stderr(f"seqgen: interrupted; every finished batch is kept in {kept}: run the same command again to "
                   f"continue")
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     if not summary.ok:
         to_stderr(f"seqgen: error: no image could be captioned ({len(summary.skipped)} skipped)")
         return 1
@@ -515,8 +519,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from seqgen.distributed import resolve_device
     from seqgen.serve.config import ServeConfig
     from seqgen.serve.models import load_served
-    cfg = from_dict(ServeConfig, flags_to_dict(args).get("serve", {}), where="flags")
-    cfg.validate()
+    cfg = from_dict(ServeConfig, flags_to_dict(args).get("serve", {}), where=None)
     _check_can_listen(cfg.host, cfg.port)      # before loading models: a taken port is one line, not a traceback
     torch.manual_seed(args.seed)
     served = load_served(args.models, device=resolve_device(args.device))
@@ -574,21 +577,34 @@ COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate,
             ("models", None): cmd_models, ("serve", None): cmd_serve, ("average", None): cmd_average}
 
 
+# What an interrupted command can do next (the others just stop).
+_AFTER_INTERRUPT = {"train": "the last checkpoint is intact; continue with --resume",
+                    "caption": "every finished batch is kept in --out: run the same command again to continue"}
+
+
+def interrupted(command: str, error: KeyboardInterrupt) -> int:
+    """Say that `command` stopped on Ctrl-C or SIGTERM, and how to continue where it can; the exit status."""
+    after = _AFTER_INTERRUPT.get(command)
+    to_stderr(f"seqgen: {'terminated' if isinstance(error, Terminated) else 'interrupted'}"
+              + (f" ({after})" if after else ""))
+    return 143 if isinstance(error, Terminated) else 130
+
+
 def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()   # process-wide, so the entry point decides it, not the library (see seqgen/allocator.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = COMMANDS[(args.command, getattr(args, "task", None))]
     try:
-        return handler(args)
+        with sigterm_interrupts():
+            return handler(args)
     except SeqgenError as e:
         if args.debug:
             traceback.print_exc()
         to_stderr(f"seqgen: error: {e}")   # a file name's line breaks and control characters escaped
         return 2
-    except KeyboardInterrupt:
-        to_stderr("seqgen: interrupted (the last checkpoint is intact; continue with --resume)")
-        return 130
+    except KeyboardInterrupt as e:
+        return interrupted(args.command, e)
 
 
 if __name__ == "__main__":

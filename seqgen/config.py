@@ -17,18 +17,27 @@ continue it), the way every dataclass in seqgen documents its fields:
 `field_docs` reads those lines, so the sentence a reader sees in the code is the `--lr` help. The value a
 flag takes is named by its type: N (int), X (float), BOOL, the choices of a Literal, and for strings the
 `File`, `Folder`, `Name` and `Device` annotations below (FILE, DIR, NAME, DEVICE).
+
+Validation, in one place: a number field declares the values it may take in its annotation (`Bounds`, or an
+alias such as `Width` or `Rate`), every float must be finite, and a config with rules between its fields has a
+`cross_check()` method. `from_dict` (YAML, flags, checkpoints) and `validate` (a config built in code) check
+every field of every section that way, so nothing reads a config that was not checked, and a bad value is one
+line naming its key (or its flag) and the allowed range.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
+import math
 import re
 import types
 import typing
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-from seqgen.errors import SeqgenError
+from seqgen.errors import SeqgenError, cut_repr
 
 T = TypeVar("T")
 
@@ -37,6 +46,78 @@ File = Annotated[str, "FILE"]
 Folder = Annotated[str, "DIR"]
 Name = Annotated[str, "NAME"]
 Device = Annotated[str, "DEVICE"]
+
+# What a config may ask for (docs/reliability.md, "Second hostile review"): beyond these a value is a typo or an
+# attack, not a model seqgen can build in memory (seqgen.model also bounds the parameter count).
+MAX_WIDTH = 65_536           # embedding, hidden and attention sizes
+MAX_LAYERS = 64              # stacked RNN layers
+MAX_TOKENS = 10_000          # the longest sequence seqgen generates, or trains on (every max_len)
+MAX_VOCAB = 1_000_000        # vocabulary sizes and caps
+MAX_CONFIG_BYTES = 1 << 20   # a --config file
+MAX_CONFIG_VALUES = 10_000   # values in a --config file, counting each use of a YAML alias
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a number field may take, declared in its annotation: `hidden: Annotated[int, Bounds(1, 512)]`.
+
+    low/high: inclusive limits (None = none), exclusive where low_open/high_open. Floats must also be finite.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """None if `value` is inside, else what is wrong ("must be >= 1, got 0")."""
+        low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return f"must be {self}, got {cut_repr(value)}" if low or high else None
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+        if self.low is not None and self.high is not None and not (self.low_open or self.high_open):
+            return f"between {num(self.low)} and {num(self.high)}"
+        parts = [f"{op} {num(x)}" for x, op in ((self.low, ">" if self.low_open else ">="),
+                                                  (self.high, "<" if self.high_open else "<=")) if x is not None]
+        return " and ".join(parts)
+
+
+# The common kinds of number field.
+Positive = Annotated[int, Bounds(1)]                       # counts, intervals, batch sizes
+Count = Annotated[int, Bounds(0)]                          # 0 = none / off
+Width = Annotated[int, Bounds(1, MAX_WIDTH)]               # embedding and hidden sizes
+Layers = Annotated[int, Bounds(1, MAX_LAYERS)]
+Tokens = Annotated[int, Bounds(1, MAX_TOKENS)]             # max_len
+Rate = Annotated[float, Bounds(0.0, 1.0, high_open=True)]  # dropout, label smoothing, averaging decay: [0, 1)
+NonNegative = Annotated[float, Bounds(0.0)]
+Seed = Annotated[int, Bounds(0, 2**32 - 1)]
+
+
+class ConfigValueError(SeqgenError):
+    """A config value that is wrong: its key path in the config, what is wrong with it, and where the config
+    came from (a YAML file, a checkpoint; None = flags or code, then the key is named as its flag)."""
+
+    def __init__(self, path: tuple[str, ...], problem: str, where: str | None = None, flag: str | None = None):
+        self.path, self.problem, self.where, self.flag = path, problem, where, flag
+        if flag is not None:
+            message = f"{flag} {problem}"
+        elif where is None:
+            message = f"--{path[-1].replace('_', '-')} {problem}" if path else problem
+        else:
+            message = f"{where}: {'.'.join(path)} {problem}" if path else f"{where}: {problem}"
+        super().__init__(message)
+
+    def inside(self, section: str) -> ConfigValueError:
+        return ConfigValueError((section, *self.path), self.problem)
+
+    def located(self, where: str | None) -> ConfigValueError:
+        return ConfigValueError(self.path, self.problem, where)
+
+    def as_flag(self, flag: str) -> ConfigValueError:
+        return ConfigValueError(self.path, self.problem, self.where, flag)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -48,56 +129,130 @@ def _resolved_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _check_value(name: str, tp: Any, value: Any, where: str) -> Any:
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    """The fields' types with their annotations (Bounds, FILE, ...)."""
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _key(key: Any) -> str:
+    """A key as a message shows it."""
+    return key if isinstance(key, str) and len(key) <= 40 and key.isidentifier() else cut_repr(key, 40)
+
+
+def _check(tp: Any, value: Any) -> Any:
+    """`value` checked against type `tp` (and its Bounds), converted where needed (an int for a float);
+    ConfigValueError with the path below this value."""
+    bounds = None
+    if get_origin(tp) is Annotated:
+        bounds = next((m for m in tp.__metadata__ if isinstance(m, Bounds)), None)
+        tp = tp.__origin__
     origin = get_origin(tp)
     if origin is Literal:
         if value not in get_args(tp):
-            choices = ", ".join(map(str, get_args(tp)))
-            raise SeqgenError(f"{where}: {name} must be one of {choices}, got {value!r}")
+            raise ConfigValueError((), f"must be one of {', '.join(map(str, get_args(tp)))}, got {cut_repr(value)}")
         return value
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None:
             return None
         if len(args) == 1:
-            return _check_value(name, args[0], value, where)
+            return _check(args[0], value)
         for a in args:  # e.g. "RNNEncoderConfig | CNNEncoderConfig" is resolved by the caller
             try:
-                return _check_value(name, a, value, where)
+                return _check(a, value)
             except SeqgenError:
                 continue
-        raise SeqgenError(f"{where}: {name} has an invalid value {value!r}")
+        raise ConfigValueError((), f"has an invalid value {cut_repr(value)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
+            _validate(value)
             return value
         if not isinstance(value, dict):
-            raise SeqgenError(f"{where}: {name} must be a mapping")
-        return from_dict(tp, value, where=f"{where}.{name}" if where else name)
+            raise ConfigValueError((), f"must be a mapping of keys to values, got {cut_repr(value)}")
+        return _build(tp, value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise SeqgenError(f"{where}: {name} must be true or false, got {value!r}")
+            raise ConfigValueError((), f"must be true or false, got {cut_repr(value)}")
     elif tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise SeqgenError(f"{where}: {name} must be an integer, got {value!r}")
+            raise ConfigValueError((), f"must be an integer, got {cut_repr(value)}")
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SeqgenError(f"{where}: {name} must be a number, got {value!r}")
-        value = float(value)
+            raise ConfigValueError((), f"must be a number, got {cut_repr(value)}")
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigValueError((), f"must be a finite number, got {cut_repr(value)}")
     elif tp is str:
         if not isinstance(value, str):
-            raise SeqgenError(f"{where}: {name} must be a string, got {value!r}")
+            raise ConfigValueError((), f"must be a string, got {cut_repr(value)}")
+    if bounds is not None and (problem := bounds.problem(value)):
+        raise ConfigValueError((), problem)
     return value
 
 
-def from_dict(cls: type[T], data: dict, *, where: str = "config") -> T:
-    """Build dataclass `cls` from a dict, rejecting unknown keys and wrongly typed values by name."""
-    hints = _resolved_types(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+def _field(name: str, tp: Any, value: Any) -> Any:
+    try:
+        return _check(tp, value)
+    except ConfigValueError as e:
+        raise e.inside(name) from None
+
+
+def _cross_check(cfg: Any) -> None:
+    """The rules between a config's fields, if it has any (its `cross_check()` method)."""
+    rules = getattr(cfg, "cross_check", None)
+    if rules is not None:
+        rules()
+
+
+def _build(cls: type[T], data: dict) -> T:
+    types_ = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]   # (a key that is not a string is never a field's name)
     if unknown:
-        raise SeqgenError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    kwargs = {k: _check_value(k, hints[k], v, where) for k, v in data.items()}
-    return cls(**kwargs)
+        more = f" (nor are {len(unknown) - 1} other key(s))" if len(unknown) > 1 else ""
+        raise ConfigValueError((_key(unknown[0]),), f"is not a known key{more}; known: {', '.join(names)}")
+    obj = cls(**{k: _field(k, types_[k], v) for k, v in data.items()})
+    _cross_check(obj)
+    return obj
+
+
+def _validate(cfg: Any) -> None:
+    types_ = _field_types(type(cfg))
+    for f in dataclasses.fields(cfg):
+        _field(f.name, types_[f.name], getattr(cfg, f.name))
+    _cross_check(cfg)
+
+
+def from_dict(cls: type[T], data: dict, *, where: str | None = "config") -> T:
+    """Build dataclass `cls` from a dict and validate it (see the module docstring): unknown keys, wrongly typed
+    values and values out of bounds are refused by name. where: the config's source for messages (a file, a
+    checkpoint); None = flags (a key is named as its flag)."""
+    try:
+        if not isinstance(data, dict):
+            raise ConfigValueError((), f"must be a mapping of keys to values, got {cut_repr(data)}")
+        return _build(cls, data)
+    except ConfigValueError as e:
+        raise e.located(where) from None
+
+
+def file_fields(cls: type) -> list[str]:
+    """The fields of `cls` that name a file (annotated `File`)."""
+    return [name for name, tp in _field_types(cls).items()
+            if any(get_origin(a) is Annotated and "FILE" in a.__metadata__ for a in (tp, *get_args(tp)))]
+
+
+def validate(cfg: T, *, where: str | None = None) -> T:
+    """Check every field of `cfg` (a dataclass config built in code), its sections and their rules, as
+    `from_dict` does; returns `cfg`. where: as for `from_dict`."""
+    try:
+        _validate(cfg)
+    except ConfigValueError as e:
+        raise e.located(where) from None
+    return cfg
 
 
 # -- CLI flags -------------------------------------------------------------------------------------
@@ -155,9 +310,11 @@ def _metavar(tp: Any) -> str | None:
     for a Literal, whose choices argparse shows)."""
     args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (Union, types.UnionType) else [tp]
     for a in args:
-        if get_origin(a) is Annotated:
-            return a.__metadata__[0]
+        if get_origin(a) is Annotated and (names := [m for m in a.__metadata__ if isinstance(m, str)]):
+            return names[0]
     plain = args[0] if args else tp
+    if get_origin(plain) is Annotated:     # Bounds: named by the type
+        plain = plain.__origin__
     if get_origin(plain) is Literal:
         return None
     return {int: "N", float: "X", bool: "BOOL"}.get(plain, "TEXT")
@@ -177,11 +334,13 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: s
     extras = typing.get_type_hints(cls, include_extras=True)
     docs = field_docs(cls)
     group = parser.add_argument_group(f"{dest_prefix} ({cls.__name__})", description=_summary(cls))
+    flag_names = dict(parser.get_default("flag_names") or {})   # for errors about a value typed as a flag
     for f in dataclasses.fields(cls):
         if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
             continue
         tp, choices = _flag_type(hints[f.name])
         flag = "--" + (prefix + f.name).replace("_", "-")
+        flag_names[f"{dest_prefix}.{f.name}"] = flag
         if defaults is not None:
             default = getattr(defaults, f.name)
         else:
@@ -195,6 +354,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: s
         else:
             group.add_argument(flag, dest=f"{dest_prefix}.{f.name}", type=tp, choices=choices,
                                default=argparse.SUPPRESS, metavar=_metavar(extras[f.name]), help=doc)
+    parser.set_defaults(flag_names=flag_names)
 
 
 def add_run_flags(parser: argparse.ArgumentParser, run_cls: type, *, prefixes: dict[str, str] | None = None,
@@ -211,15 +371,27 @@ def add_run_flags(parser: argparse.ArgumentParser, run_cls: type, *, prefixes: d
 
 
 def build_run_config(run_cls: type[T], args: argparse.Namespace) -> tuple[T, dict]:
-    """The run config from: the task's defaults < the --config YAML file < the flags typed.
+    """The run config from: the task's defaults < the --config YAML file < the flags typed, validated.
 
     Returns the config and the overrides (YAML + flags) so a resumed run can apply them over its saved config.
+    A bad value is named as the flag the user typed, or as its key in the YAML file.
     """
     path = getattr(args, "config", None)
-    overrides = merge(load_yaml(path) if path else {}, flags_to_dict(args))
+    given = load_yaml(path) if path else {}
+    flags = flags_to_dict(args)
+    sections = _resolved_types(run_cls)
+    for key, value in given.items():   # before merging: a flag of the section would replace `data: 5` silently
+        if key in sections and dataclasses.is_dataclass(sections[key]) and not isinstance(value, dict):
+            raise ConfigValueError((key,), f"must be a mapping of keys to values, got {cut_repr(value)}", path)
+    overrides = merge(given, flags)
     # Merging over the full default dict keeps a task's section defaults (e.g. the LM's 2-layer decoder)
     # when only some keys of a section are given.
-    return from_dict(run_cls, merge(to_dict(run_cls()), overrides), where=path or "flags"), overrides
+    try:
+        return from_dict(run_cls, merge(to_dict(run_cls()), overrides), where=path), overrides
+    except ConfigValueError as e:
+        typed = len(e.path) == 2 and e.path[1] in flags.get(e.path[0], {})
+        flag = getattr(args, "flag_names", {}).get(".".join(e.path)) if typed else None
+        raise (e.as_flag(flag) if flag else e) from None
 
 
 def flags_to_dict(args: argparse.Namespace) -> dict:
@@ -241,16 +413,61 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def load_yaml(path: str) -> dict:
-    """Read a YAML config file into a dict (one clear error line if it is not a mapping)."""
+    """Read a YAML config file into a dict: one clear error line if it is not a mapping, is larger than
+    MAX_CONFIG_BYTES, or expands (YAML aliases counted at each use) to more than MAX_CONFIG_VALUES values."""
     import yaml
 
     from seqgen.data.text import read_text
+    loader = yaml.SafeLoader(read_text(path, limit=MAX_CONFIG_BYTES, what="a config file"))
     try:
-        data = yaml.safe_load(read_text(path))
+        node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, path)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise SeqgenError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        problem = str(getattr(e, "problem", None) or e).strip().splitlines()[0][:160]
+        raise SeqgenError(f"{path}{line}: invalid YAML ({problem})") from None
+    except RecursionError:
+        raise SeqgenError(f"{path}: nested too deeply for a config file") from None
+    except ValueError as e:     # e.g. an integer of more than 4,300 digits
+        raise SeqgenError(f"{path}: a value cannot be read ({str(e).splitlines()[0][:120]})") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise SeqgenError(f"{path}: a config file must be a mapping of keys to values")
     return data
+
+
+def _check_expansion(root: Any, path: str) -> None:
+    """Refuse a YAML document whose values, each alias counted at every use, exceed MAX_CONFIG_VALUES (an alias
+    bomb: a few hundred bytes that expand to gigabytes), or that refers to itself."""
+    sizes: dict[int, int] = {}
+    started: set[int] = set()          # the nodes on the current path of the walk
+
+    def children(node: Any) -> list:
+        if isinstance(node.value, list):
+            return [n for item in node.value for n in (item if isinstance(item, tuple) else (item,))]
+        return []
+
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            started.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children(node))
+            if sizes[id(node)] > MAX_CONFIG_VALUES:
+                raise SeqgenError(f"{path}: the config expands to more than {MAX_CONFIG_VALUES:,} values (YAML "
+                                  f"aliases counted at each use); a config file needs far fewer")
+            continue
+        if id(node) in sizes:
+            continue
+        started.add(id(node))
+        stack.append((node, True))
+        for child in children(node):
+            if id(child) in started:
+                raise SeqgenError(f"{path}: a YAML alias refers to the value that contains it; a config "
+                                  f"cannot be recursive")
+            if id(child) not in sizes:
+                stack.append((child, False))

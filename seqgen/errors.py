@@ -2,9 +2,14 @@
 
 Library code raises `SeqgenError` with a message a user can act on (file, line, numbers, what to do);
 the CLI prints it as one line `seqgen: error: ...` and exits with status 2. Tracebacks only with --debug.
+A value the user gave appears in a message through `cut_repr` (bounded, whatever the value); SIGTERM stops a
+command as Ctrl-C does (`Terminated`, `sigterm_interrupts`).
 """
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,6 +23,34 @@ _CPU_OOM_MESSAGES = ("can't allocate memory", "not enough memory")
 
 class SeqgenError(Exception):
     """A user-facing error: the message is one line naming the file/argument and what to do."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (inside `sigterm_interrupts`), raised wherever the program is, as Ctrl-C raises KeyboardInterrupt:
+    the same clean-up runs and the CLI says how to continue."""
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` in this process (from the main thread only; processes forked
+    inside, such as DataLoader workers, die of it as before)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class OutOfMemory(SeqgenError):
@@ -48,3 +81,39 @@ def report_out_of_memory(doing: str, advice: str) -> Iterator[None]:
         if not (isinstance(e, OutOfMemory) or is_out_of_memory(e)):
             raise
         raise OutOfMemory(f"out of memory {doing}; {advice}") from e   # --debug shows where
+
+
+def cut_repr(value: object, limit: int = 80) -> str:
+    """`repr(value)` for a message about user input: at most about `limit` characters, and when cut, how long
+    the whole was ("'aaaa...' (1,000,000 characters)", "[1, 2, ...] (a list of 500 item(s))").
+
+    Never builds the full repr: a YAML alias bomb or a crafted checkpoint can hold a value whose repr is
+    gigabytes long, nested deeper than the recursion limit, or an integer too long to print.
+    """
+    import reprlib
+
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1:,} digits"
+    if isinstance(value, (str, bytes, bytearray)):
+        if len(value) <= limit:
+            return repr(value)
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{repr(value[:limit])[:limit + 3]}... ({len(value):,} {unit})"
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother, short.maxlong = 3, limit // 2, limit // 2, 40
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = short.maxfrozenset = 6
+    try:
+        text = short.repr(value)
+    except Exception:   # a __repr__ that fails
+        text = f"<{type(value).__name__}>"
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    try:
+        size = len(value)  # type: ignore[arg-type]
+    except Exception:
+        return text
+    if "..." in text:
+        what = {dict: "a mapping of {} key(s)", list: "a list of {} item(s)", tuple: "a tuple of {} item(s)"}.get(
+            type(value), "{} item(s)")
+        text += f" ({what.format(f'{size:,}')})"
+    return text

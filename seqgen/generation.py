@@ -7,15 +7,19 @@ Below the model and the tasks: `Seq2Seq.generate` reads a GenerationConfig, and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from torch import Tensor
 
+from seqgen.config import MAX_TOKENS, MAX_VOCAB, Bounds, ConfigValueError, NonNegative, Tokens
+from seqgen.config import validate as check_config
 from seqgen.decoders.search import Hypothesis
 from seqgen.errors import SeqgenError
-from seqgen.precision import AMP_CHOICES
 from seqgen.tokenizers import TextCodec
 from seqgen.vocab import EOS
+
+
+MAX_BEAM = 1_000    # hypotheses per input (beam, n_best)
 
 
 @dataclass
@@ -26,7 +30,8 @@ class GenerationConfig:
     temperature:     sample each token at this temperature; 0 = deterministic (greedy or beam search)
     top_k:           sampling: draw from the k most likely tokens only; 0 = from all
     top_p:           sampling: draw from the smallest set of most likely tokens whose probability reaches p
-    max_len:         generate at most this many tokens (<eos> included); a longer output is cut there
+    max_len:         generate at most this many tokens (<eos> included; at most 10,000); a longer output is
+                     cut there
     min_len:         <eos> is not allowed before this many tokens
     length_penalty:  beam search: GNMT length normalisation alpha; 0 = rank by raw log-probability
     n_best:          hypotheses returned per input, best first (at most beam)
@@ -36,32 +41,28 @@ class GenerationConfig:
                      bf16 a result can depend on what it is batched with, off decodes in float32
     """
 
-    beam: int = 1
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_len: int = 100
-    min_len: int = 0
-    length_penalty: float = 1.0
-    n_best: int = 1
-    no_repeat_ngram: int = 0
+    beam: Annotated[int, Bounds(1, MAX_BEAM)] = 1
+    temperature: NonNegative = 0.0
+    top_k: Annotated[int, Bounds(0, MAX_VOCAB)] = 0
+    top_p: Annotated[float, Bounds(0.0, 1.0, low_open=True)] = 1.0
+    max_len: Tokens = 100
+    min_len: Annotated[int, Bounds(0, MAX_TOKENS)] = 0
+    length_penalty: Annotated[float, Bounds(0.0, 10.0)] = 1.0
+    n_best: Annotated[int, Bounds(1, MAX_BEAM)] = 1
+    no_repeat_ngram: Annotated[int, Bounds(0, MAX_TOKENS)] = 0
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
 
     def validate(self) -> None:
-        if self.beam < 1:
-            raise SeqgenError(f"--beam must be >= 1, got {self.beam}")
-        if self.temperature < 0:
-            raise SeqgenError(f"--temperature must be >= 0, got {self.temperature}")
+        """Every field within its bounds, and the rules between them (seqgen.config.validate)."""
+        check_config(self)
+
+    def cross_check(self) -> None:
         if self.temperature > 0 and self.beam > 1:
             raise SeqgenError("choose either --beam N (search) or --temperature T (sampling), not both")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SeqgenError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.max_len < 1:
-            raise SeqgenError(f"--max-len must be >= 1, got {self.max_len}")
         if self.n_best > self.beam:
-            raise SeqgenError(f"--n-best ({self.n_best}) cannot exceed --beam ({self.beam})")
-        if self.amp not in AMP_CHOICES:
-            raise SeqgenError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+            raise ConfigValueError(("n_best",), f"cannot exceed beam ({self.beam}), got {self.n_best}")
+        if self.min_len > self.max_len:
+            raise ConfigValueError(("min_len",), f"cannot exceed max_len ({self.max_len}), got {self.min_len}")
 
 
 def decoding_config(given: dict, defaults: GenerationConfig, *, greedy: bool = False) -> GenerationConfig:

@@ -10,14 +10,14 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqgen.checkpoint import load_checkpoint
-from seqgen.config import from_dict, to_dict
+from seqgen.checkpoint import load_checkpoint, payload_json
+from seqgen.config import from_dict, to_dict, validate
 from seqgen.data.batch import Batch
 from seqgen.decoders import search
 from seqgen.decoders.ensemble import EnsembleDecoder, EnsembleEncoding
@@ -27,13 +27,17 @@ from seqgen.decoders.search import Hypothesis
 from seqgen.encoders.base import EncoderOutput
 from seqgen.encoders.cnn import CNNEncoderConfig, CNNImageEncoder
 from seqgen.encoders.rnn import RNNEncoderConfig, RNNTextEncoder
-from seqgen.errors import SeqgenError
+from seqgen.errors import SeqgenError, cut_repr
 from seqgen.generation import GenerationConfig
 from seqgen.inference import captioning, translation
 from seqgen.precision import autocast, autocast_dtype
 from seqgen.tokenizers import TextCodec
 
 Task = Literal["lm", "translation", "captioning"]
+
+# The largest model seqgen builds (4 GiB of float32 weights): a config asking for more is a typo or a crafted
+# checkpoint (hidden = 2**20 would be a 17.6 TB allocation), refused before anything is allocated.
+MAX_PARAMETERS = 1 << 30
 
 
 @dataclass
@@ -52,6 +56,16 @@ class ModelConfig:
     image_encoder: CNNEncoderConfig | None = None
 
 
+def check_size(build: Callable[[], nn.Module], what: str) -> None:
+    """Refuse a module that `build()` would make with more than MAX_PARAMETERS parameters (counted on the meta
+    device: nothing is allocated)."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build().parameters())
+    if n > MAX_PARAMETERS:
+        raise SeqgenError(f"the {what} would have {n:,} parameters ({n * 4 / 2**30:,.1f} GiB), more than the "
+                          f"{MAX_PARAMETERS:,} seqgen builds; check its sizes (emb, hidden, layers, vocabulary)")
+
+
 def build_encoder(cfg: ModelConfig, src: TextCodec | None) -> nn.Module | None:
     """The encoder module for `cfg.task` (None for a language model)."""
     if cfg.task == "lm":
@@ -59,6 +73,7 @@ def build_encoder(cfg: ModelConfig, src: TextCodec | None) -> nn.Module | None:
     if cfg.task == "translation":
         if cfg.text_encoder is None or src is None:
             raise SeqgenError("a translation model needs a text encoder config and a source vocabulary")
+        check_size(lambda: RNNTextEncoder(cfg.text_encoder, len(src.vocab), pad_id=src.vocab.pad), "text encoder")
         return RNNTextEncoder(cfg.text_encoder, len(src.vocab), pad_id=src.vocab.pad)
     if cfg.image_encoder is None:
         raise SeqgenError("a captioning model needs an image encoder config")
@@ -70,12 +85,16 @@ class Seq2Seq(nn.Module):
 
     def __init__(self, config: ModelConfig, tgt: TextCodec, src: TextCodec | None = None):
         super().__init__()
-        self.config, self.tgt, self.src = config, tgt, src
+        self.config, self.tgt, self.src = validate(config), tgt, src
         self.encoder = build_encoder(config, src)
-        self.decoder = RNNDecoder(
-            config.decoder, len(tgt.vocab), pad_id=tgt.vocab.pad,
-            enc_state_size=getattr(self.encoder, "state_size", None),
-            memory_size=getattr(self.encoder, "memory_size", None))
+
+        def decoder() -> RNNDecoder:
+            return RNNDecoder(config.decoder, len(tgt.vocab), pad_id=tgt.vocab.pad,
+                              enc_state_size=getattr(self.encoder, "state_size", None),
+                              memory_size=getattr(self.encoder, "memory_size", None))
+
+        check_size(decoder, "decoder")
+        self.decoder = decoder()
 
     @property
     def device(self) -> torch.device:
@@ -177,16 +196,18 @@ class Seq2Seq(nn.Module):
     def from_payload(cls, payload: dict, *, where: str = "checkpoint") -> "Seq2Seq":
         """The model a payload describes; a compact payload (seqgen.zoo.compact) is expanded to float32."""
         from seqgen.zoo.compact import expand_payload, external_weights, is_compact
+        check_weights(payload.get("model"), where, finite=False)
         external_source, external_keys = None, []
         if is_compact(payload):
             external_source, external_keys = external_weights(payload)
             payload = expand_payload(payload, where)
+        check_weights(payload["model"], where)
+        config = from_dict(ModelConfig, payload_json(payload, "config", where), where=where)
         try:
-            config = from_dict(ModelConfig, json.loads(payload["config"]), where=where)
             tgt = TextCodec.from_dict(payload["tgt"])
             src = TextCodec.from_dict(payload["src"]) if payload.get("src") is not None else None
         except (KeyError, TypeError, ValueError) as e:
-            raise SeqgenError(f"{where}: checkpoint is missing or has a malformed entry ({e})") from None
+            raise SeqgenError(f"{where}: checkpoint is missing or has a malformed entry ({cut_repr(str(e))})") from None
         if config.image_encoder is not None:
             # the trained weights are in the checkpoint: never fetch or read backbone weights again
             # (a compact file names the package that installs its frozen backbone's weights instead)
@@ -194,7 +215,10 @@ class Seq2Seq(nn.Module):
                                                        weights_file=None)
         elif external_keys:
             raise SeqgenError(f"{where}: compact file leaves weights to a package, but the model has no image encoder")
-        model = cls(config, tgt, src)
+        try:
+            model = cls(config, tgt, src)
+        except (SeqgenError, ValueError) as e:
+            raise SeqgenError(f"{where}: {e}") from None
         try:
             missing, unexpected = model.load_state_dict(payload["model"], strict=not external_keys)
         except RuntimeError as e:
@@ -205,6 +229,19 @@ class Seq2Seq(nn.Module):
             raise SeqgenError(f"{where}: weights do not match the model config ({len(missing)} missing, "
                               f"{len(unexpected)} unexpected, {len(external_keys)} left to {external_source})")
         return model
+
+
+def check_weights(weights: object, where: str, *, finite: bool = True) -> None:
+    """A checkpoint's weights must be a mapping of names to tensors, and (`finite`) hold no NaN or inf: else one
+    line naming the first bad one."""
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                for k, v in weights.items()):
+        raise SeqgenError(f"{where}: the checkpoint's weights are not a mapping of names to tensors (not written "
+                          f"by seqgen, or modified)")
+    for name, w in weights.items() if finite else ():
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise SeqgenError(f"{where}: weight {cut_repr(name)} holds non-finite values (NaN or inf); the model "
+                              f"cannot be used (was it saved after training diverged?)")
 
 
 def _num_inputs(source: Tensor | EncoderOutput | None, batch_size: int | None) -> int:

@@ -3,20 +3,21 @@
 Every task's train_* function holds the run folder's lock while it runs (`holds_run_folder`: a second run into
 the same --out is refused before it reads or writes anything), starts with `check_out_dir` and, for --resume,
 `load_resume_run`: the run config saved in the checkpoint with the user's overrides applied, refusing the
-changes a checkpoint cannot take (its vocabulary, the shapes of its weights). The Trainer then restores its
-own state (`Trainer.resume`).
+changes a checkpoint cannot take (its vocabulary, the shapes of its weights, and, unless allowed, its data:
+`data_fingerprint`). The Trainer then restores its own state (`Trainer.resume`).
 """
 from __future__ import annotations
 
 import functools
-import json
+import hashlib
 import os
+import stat
 from typing import Callable, TypeVar
 
-from seqgen.checkpoint import load_checkpoint
-from seqgen.config import from_dict, merge
+from seqgen.checkpoint import load_checkpoint, payload_json
+from seqgen.config import file_fields, from_dict, merge
 from seqgen.distributed import launch_info
-from seqgen.errors import SeqgenError
+from seqgen.errors import SeqgenError, cut_repr
 from seqgen.model import Seq2Seq
 from seqgen.outputs import acquire_lock, holding, run_folder_lock_path
 
@@ -42,6 +43,8 @@ def holds_run_folder(train_fn: Callable[..., T]) -> Callable[..., T]:
 
     return run
 
+FULL_HASH_BYTES = 64 << 20   # data files up to this size are hashed whole, larger ones by their first and last MiB
+
 
 def check_out_dir(out_dir: str, resume: bool) -> str | None:
     """Refuse to overwrite a previous run; with resume, return the checkpoint to continue from.
@@ -53,6 +56,7 @@ def check_out_dir(out_dir: str, resume: bool) -> str | None:
     last = os.path.join(out_dir, "last.pt")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SeqgenError(f"--out {out_dir}: exists and is not a folder; choose another --out")
+    _check_writable(out_dir)
     if resume:
         if os.path.exists(last):
             return last
@@ -66,6 +70,75 @@ def check_out_dir(out_dir: str, resume: bool) -> str | None:
         raise SeqgenError(f"{out_dir} already holds a trained model; pass --resume to continue it "
                           f"or choose another --out (nothing was overwritten)")
     return None
+
+
+def _check_writable(out_dir: str) -> None:
+    """--out can be made and written: the nearest folder that exists on its path is one this process may write
+    in (checked before any data is read, so that a read-only file system fails at once, with nothing written)."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise SeqgenError(f"--out {out_dir}: {path} is a file, not a folder; choose another --out")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SeqgenError(f"--out {out_dir}: cannot write in {path} (a read-only file system, or no permission); "
+                          f"choose another --out")
+
+
+def data_fingerprint(data_cfg: object) -> dict[str, dict]:
+    """What identifies the data files of a run config's data section (its `File` fields that are set and name a
+    regular file): {field: {path, size, mtime, sha256}}, the hash over the whole file up to FULL_HASH_BYTES,
+    else over its size and its first and last MiB. Saved in every checkpoint (Trainer(data_fingerprint=...))."""
+    out = {}
+    for name in file_fields(type(data_cfg)):
+        path = getattr(data_cfg, name)
+        try:
+            st = os.stat(path) if path else None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                if st.st_size <= FULL_HASH_BYTES:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                else:
+                    h.update(str(st.st_size).encode() + f.read(1 << 20))
+                    f.seek(-(1 << 20), os.SEEK_END)
+                    h.update(f.read())
+        except (OSError, ValueError):    # unreadable: the task's readers say why
+            continue
+        out[name] = {"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime, "sha256": h.hexdigest()}
+    return out
+
+
+def check_data_unchanged(payload: dict, data_cfg: object, path: str, *, skip: tuple[str, ...] = ()) -> None:
+    """Refuse to resume from `path` on other data than its run trained on: a data file whose size or content
+    differs from the fingerprint in the checkpoint (a moved or touched file is the same data). A checkpoint
+    without a fingerprint (written before seqgen recorded them) resumes. skip: fields checked otherwise (the
+    sentencepiece models, against the vocabulary inside the checkpoint)."""
+    if "data_fingerprint" not in payload:
+        return
+    saved = payload_json(payload, "data_fingerprint", path)
+    if not isinstance(saved, dict):
+        raise SeqgenError(f"{path}: the checkpoint's data_fingerprint entry is not the mapping seqgen writes")
+    now = data_fingerprint(data_cfg)
+    for name in sorted((set(saved) | set(now)) - set(skip), key=str):
+        old, new = saved.get(name), now.get(name)
+        same = (isinstance(old, dict) and new is not None
+                and (old.get("size"), old.get("sha256")) == (new["size"], new["sha256"]))
+        if same:
+            continue
+        flag = "--" + str(name).replace("_", "-")
+        old_path = cut_repr(old.get("path")) if isinstance(old, dict) else "none"
+        if new is None:
+            what = f"the run trained on {old_path}, now none is given"
+        elif old is None:
+            what = f"{new['path']} was not part of the run"
+        else:
+            what = f"{new['path']} is not the file the run trained on ({old_path}: size or content differ)"
+        raise SeqgenError(f"{path}: {flag}: {what}; the checkpoint's vocabulary and best score belong to the old "
+                          f"data. Pass --allow-data-change to resume anyway, or start a new run in another --out "
+                          f"(nothing was changed)")
 
 
 def check_resume_overrides(saved: dict, overrides: dict, path: str, *, vocab_keys: tuple[str, ...],
@@ -89,18 +162,27 @@ def check_resume_overrides(saved: dict, overrides: dict, path: str, *, vocab_key
 
 
 def load_resume_run(path: str, task: str, run_cls: type, overrides: dict | None, *, vocab_keys: tuple[str, ...],
-                    model_sections: tuple[str, ...] = ("encoder", "decoder")) -> tuple[object, Seq2Seq]:
+                    model_sections: tuple[str, ...] = ("encoder", "decoder"), allow_data_change: bool = False
+                    ) -> tuple[object, Seq2Seq]:
     """For --resume: the run config saved in `path` with the user's `overrides` applied, and the model.
 
-    Refuses a checkpoint of another task and overrides that would change the vocabulary or the weights' shapes.
+    Refuses a checkpoint of another task, overrides that would change the vocabulary or the weights' shapes, a
+    saved config that does not validate, and (unless `allow_data_change`) data files that changed.
     """
     payload = load_checkpoint(path)
     if payload.get("task") != task:
-        raise SeqgenError(f"{path}: is a {payload.get('task')!r} checkpoint, cannot resume a {task!r} run from it")
-    saved = json.loads(payload["run_config"])
+        raise SeqgenError(f"{path}: is a {cut_repr(payload.get('task'))} checkpoint, cannot resume a {task!r} run "
+                          f"from it")
+    saved = payload_json(payload, "run_config", path)
+    if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+        raise SeqgenError(f"{path}: the checkpoint's run_config entry is not the mapping of sections seqgen writes")
     check_resume_overrides(saved, overrides or {}, path, vocab_keys=vocab_keys, model_sections=model_sections)
     run = from_dict(run_cls, merge(saved, overrides or {}), where=f"{path} run config")
-    return run, Seq2Seq.from_payload(payload, where=path)
+    model = Seq2Seq.from_payload(payload, where=path)
+    if not allow_data_change:
+        check_data_unchanged(payload, run.data, path, skip=vocab_keys)
+    return run, model
 
 
-__all__ = ["check_out_dir", "check_resume_overrides", "holds_run_folder", "load_resume_run"]
+__all__ = ["check_out_dir", "check_resume_overrides", "check_data_unchanged", "data_fingerprint", "holds_run_folder",
+           "load_resume_run"]

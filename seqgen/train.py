@@ -30,15 +30,15 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Literal, Protocol
+from typing import Annotated, Callable, Iterable, Iterator, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from seqgen.atomic import atomic_write, remove_partial_writes
-from seqgen.checkpoint import load_checkpoint, save_checkpoint
-from seqgen.config import Device, from_dict, to_dict
+from seqgen.checkpoint import load_checkpoint, payload_json, save_checkpoint
+from seqgen.config import Bounds, Count, Device, NonNegative, Positive, Rate, Seed, from_dict, to_dict, validate
 from seqgen.data.batch import Batch
 from seqgen.data.batching import shard_positions
 from seqgen.distributed import Distributed, setup
@@ -83,28 +83,28 @@ class TrainConfig:
     progress:         show a progress bar
     """
 
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    clip_norm: float = 1.0
+    lr: Annotated[float, Bounds(0.0, low_open=True)] = 2e-3
+    weight_decay: NonNegative = 0.01
+    clip_norm: NonNegative = 1.0
     schedule: Literal["constant", "cosine", "plateau"] = "cosine"
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    plateau_factor: float = 0.5
-    plateau_patience: int = 2
-    label_smoothing: float = 0.0
-    ema: float = 0.0
-    max_steps: int = 5000
-    max_epochs: int = 1000
-    time_budget: float = 0.0
-    eval_every: int = 500
-    log_every: int = 50
-    checkpoint_every: int = 500
-    patience: int = 0
-    max_bad_steps: int = 5
-    accumulate: int = 1
+    warmup_steps: Count = 100
+    min_lr_ratio: Annotated[float, Bounds(0.0, 1.0)] = 0.1
+    plateau_factor: Annotated[float, Bounds(0.0, 1.0, low_open=True)] = 0.5
+    plateau_patience: Positive = 2
+    label_smoothing: Rate = 0.0
+    ema: Rate = 0.0
+    max_steps: Positive = 5000
+    max_epochs: Positive = 1000
+    time_budget: NonNegative = 0.0
+    eval_every: Positive = 500
+    log_every: Positive = 50
+    checkpoint_every: Positive = 500
+    patience: Count = 0
+    max_bad_steps: Positive = 5
+    accumulate: Positive = 1
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     compile: bool = False
-    seed: int = 1
+    seed: Seed = 1
     device: Device = "auto"
     progress: bool = True
 
@@ -204,12 +204,13 @@ class Trainer:
     def __init__(self, model: Seq2Seq, data: BatchSource, evaluate: Evaluate, cfg: TrainConfig,
                  out_dir: str, *, metric: str = "loss", mode: Literal["min", "max"] = "min",
                  run_config: dict | None = None, log: Log | None = None,
-                 dist: Distributed | None = None, objective: nn.Module | None = None):
-        if cfg.accumulate < 1:
-            raise SeqgenError(f"--accumulate must be >= 1, got {cfg.accumulate}")
+                 dist: Distributed | None = None, objective: nn.Module | None = None,
+                 data_fingerprint: dict | None = None):
+        validate(cfg)
         self.cfg, self.data, self.evaluate = cfg, data, evaluate
         self.out_dir, self.metric, self.mode = out_dir, metric, mode
         self.run_config = run_config or {}
+        self.data_fingerprint = data_fingerprint   # seqgen.runs.data_fingerprint: --resume checks the data
         self.dist = dist or setup(cfg.device)
         self.device = self.dist.device
         self.model = model.to(self.device)
@@ -236,7 +237,10 @@ class Trainer:
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self._saved_step: int | None = None   # step of the last.pt on disk, for the out-of-memory advice
         if self.dist.is_main:
-            os.makedirs(out_dir, exist_ok=True)
+            try:
+                os.makedirs(out_dir, exist_ok=True)
+            except OSError as e:
+                raise SeqgenError(f"--out {out_dir}: cannot create the run folder ({e.strerror or e})") from None
             for path in (self.last_path, self.best_path):  # what a run killed mid-save left behind
                 remove_partial_writes(path)
         # the loss a step minimises: cross-entropy, or a task's own objective (a module: Batch -> scalar loss,
@@ -270,6 +274,8 @@ class Trainer:
         payload = self.model.to_payload()
         payload["run_config"] = json.dumps(self.run_config)
         payload["metrics"] = json.dumps({"step": self.state.step, "best": self.state.best})
+        if self.data_fingerprint is not None:
+            payload["data_fingerprint"] = json.dumps(self.data_fingerprint)
         if with_trainer:
             # No RNG state: dropout is reseeded from (seed, step, slot) every step (see dropout_seed).
             payload["trainer"] = {"state": json.dumps(to_dict(self.state)), "optimizer": self.optimizer.state_dict()}
@@ -311,14 +317,23 @@ class Trainer:
             raise SeqgenError(f"{path}: weights do not match this run's model config "
                               f"({str(e).splitlines()[0][:160]})") from None
         tr = payload["trainer"]
-        self.optimizer.load_state_dict(tr["optimizer"])
-        if self.scaler.is_enabled() and "grad_scaler" in tr:
-            self.scaler.load_state_dict(tr["grad_scaler"])
+        if not isinstance(tr, dict):
+            raise SeqgenError(f"{path}: the checkpoint's trainer entry is not the mapping seqgen writes")
+        state = payload_json(tr, "state", path)
+        if isinstance(state, dict) and isinstance(state.get("best"), float) and not math.isfinite(state["best"]):
+            state["best"] = None    # a NaN validation score marked best before seqgen refused them: none is best
+        self.state = from_dict(TrainState, state, where=path)
+        try:
+            self.optimizer.load_state_dict(tr["optimizer"])
+            if self.scaler.is_enabled() and "grad_scaler" in tr:
+                self.scaler.load_state_dict(tr["grad_scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise SeqgenError(f"{path}: the checkpoint's optimizer state does not fit this run's model "
+                              f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
         if self.ema is not None:
             self.ema = WeightEMA(self.model, self.cfg.ema)   # a run that had no average starts one here
             if "ema" in tr:
                 self.ema.load_state_dict(tr["ema"], where=path)
-        self.state = from_dict(TrainState, json.loads(tr["state"]), where=path)
         self._saved_step = self.state.step
         self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                   f"batch {self.state.batch_in_epoch})")
@@ -349,7 +364,10 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------------------
     def _improved(self, value: float) -> bool:
+        """A finite score better than the best so far (a NaN validation loss is never best)."""
         best = self.state.best
+        if not math.isfinite(value):
+            return False
         return best is None or (value < best if self.mode == "min" else value > best)
 
     def run_eval(self) -> bool:

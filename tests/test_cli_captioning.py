@@ -82,7 +82,7 @@ def test_caption_errors(cli_run, tmp_path, capsys):
         ([tmp_path / "lm.pt", d / "images", "--out", tmp_path / "a.jsonl"], "is a language model: use it with `seqgen generate`; this needs an image captioning model"),
         ([out / "best.pt", d / "images", "--out", tmp_path / "a.txt"], "use .jsonl or .csv"),
         ([out / "best.pt", tmp_path / "nope", "--out", tmp_path / "a.jsonl"], "no such file or folder"),
-        ([out / "best.pt", d / "images", "--out", tmp_path / "a.jsonl", "--beam", 0], "--beam must be >= 1"),
+        ([out / "best.pt", d / "images", "--out", tmp_path / "a.jsonl", "--beam", 0], "--beam must be between 1 and 1,000, got 0"),
     ]
     for args, message in cases:
         code, err = cli(capsys, "caption", *args, "--quiet")

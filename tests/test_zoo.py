@@ -1,14 +1,13 @@
 """Shipped models: the compact format, name resolution, checksums, wrong jobs, `seqgen models`, the demo."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
 import seqgen.zoo as zoo
 from conftest import run_cli
-from seqgen.checkpoint import load_checkpoint, save_checkpoint
+from seqgen.checkpoint import save_checkpoint
 from seqgen.cli import main as cli_main
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.errors import SeqgenError

@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Annotated, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from seqgen.config import File, Folder
+from seqgen.config import MAX_VOCAB, Bounds, Count, File, Folder, Positive, Tokens
 from seqgen.data.batch import Batch
 from seqgen.data.batching import BucketBatchSampler, pad_sequences
 from seqgen.data.images import (ImageError, ImageFolderDataset, collate_images, loader_generator, read_captions,
@@ -46,7 +46,7 @@ class CaptionDataConfig:
     lowercase:        lowercase the captions before tokenization (CIDEr and BLEU ignore case anyway)
     min_freq:         word level: rarer words become <unk>
     vocab_size:       subword level: sentencepiece pieces
-    max_len:          training captions with more tokens than this are dropped
+    max_len:          training captions with more tokens than this are dropped (at most 10,000)
     batch_size:       captions per training batch
     valid_batch_size: images per batch when decoding the validation split
     valid_limit:      validate on the first N validation images only; 0 = all
@@ -63,18 +63,18 @@ class CaptionDataConfig:
     captions: File = ""
     train_split: File = ""
     valid_split: File = ""
-    valid_fraction: float = 0.05
+    valid_fraction: Annotated[float, Bounds(0.0, 1.0, low_open=True, high_open=True)] = 0.05
     level: Literal["word", "subword"] = "word"
     lowercase: bool = True
-    min_freq: int = 5
-    vocab_size: int = 4000
-    max_len: int = 40
-    batch_size: int = 64
-    valid_batch_size: int = 100
-    valid_limit: int = 0
+    min_freq: Positive = 5
+    vocab_size: Annotated[int, Bounds(1, MAX_VOCAB)] = 4000
+    max_len: Tokens = 40
+    batch_size: Positive = 64
+    valid_batch_size: Positive = 100
+    valid_limit: Count = 0
     feature_cache: Folder = ""
     cache_dtype: Literal["float16", "float32"] = "float16"
-    num_workers: int | None = None
+    num_workers: Annotated[int, Bounds(0, 256)] | None = None
     allow_outside_images: bool = False
 
 
@@ -140,9 +140,6 @@ def load_splits(d: CaptionDataConfig, seed: int) -> CaptionSplits:
         held = set(valid or [])
         train = [n for n in captions if n not in held]
     if valid is None:
-        if not 0.0 < d.valid_fraction < 1.0:
-            raise SeqgenError(f"--valid-fraction must be in (0, 1) when there is no --valid-split, "
-                              f"got {d.valid_fraction}")
         pool = [n for n in captions if n not in set(train)] if d.train_split else []
         if not pool:  # hold out part of the training images
             rng = random.Random(seed)

@@ -2,11 +2,14 @@
 
 Every reader checks the things that go wrong in practice (missing file, a directory, no permission,
 invalid UTF-8, empty file) and raises `SeqgenError` naming the file and, where it applies, the line.
+Reading is bounded: a file or stream that never ends (`/dev/zero`, `yes |`) stops at MAX_FILE_BYTES, and a
+line-per-item file at a line longer than MAX_LINE_BYTES, with one line naming the limit (and the line).
 """
 from __future__ import annotations
 
+import io
 import os
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import torch
 from torch import Tensor
@@ -14,15 +17,57 @@ from torch import Tensor
 from seqgen.data.batch import Batch
 from seqgen.errors import SeqgenError
 
+MAX_FILE_BYTES = 2 << 30     # the most seqgen reads whole from one file or stream: 2 GiB
+MAX_LINE_BYTES = 16 << 20    # the longest line of a one-item-per-line file (sentences, captions, splits): 16 MiB
+_CHUNK = 1 << 20
 
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """Return the raw content of `path`, or raise SeqgenError saying why it cannot be read."""
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n:,} bytes"
+
+
+def read_stream(f: BinaryIO, name: str, *, limit: int | None = None, what: str = "one file",
+                line_limit: int | None = None) -> bytes:
+    """Read a binary stream to its end, in chunks, refusing more than `limit` bytes (default MAX_FILE_BYTES)
+    and, with `line_limit`, a line longer than that: SeqgenError naming `name` (and the line)."""
+    limit = MAX_FILE_BYTES if limit is None else limit
+    chunk_size = min(_CHUNK, line_limit) if line_limit else _CHUNK   # a line inside one chunk is short enough
+    buf, size, lines, run = io.BytesIO(), 0, 0, 0     # run: bytes of the current line so far
+    try:
+        while chunk := f.read(chunk_size):
+            size += len(chunk)
+            if size > limit:
+                raise SeqgenError(f"{name}: larger than {_size(limit)}, the most seqgen reads from {what}; "
+                                  f"split it into smaller parts")
+            if line_limit is not None:
+                first = chunk.find(b"\n")
+                if first >= 0 and run + first <= line_limit:
+                    lines += chunk.count(b"\n")
+                    run = len(chunk) - chunk.rfind(b"\n") - 1
+                else:
+                    run += len(chunk) if first < 0 else first
+                if run > line_limit:
+                    raise SeqgenError(f"{name}:{lines + 1}: a line longer than {_size(line_limit)}, the longest "
+                                      f"line seqgen reads; is this a text file with one item per line?")
+            buf.write(chunk)
+    except MemoryError:
+        raise SeqgenError(f"{name}: not enough memory to read it (after {size:,} bytes)") from None
+    return buf.getvalue()
+
+
+def read_bytes(path: str | os.PathLike, *, limit: int | None = None, what: str = "one file",
+               line_limit: int | None = None) -> bytes:
+    """Return the raw content of `path`, or raise SeqgenError saying why it cannot be read (limits: see
+    `read_stream`)."""
     path = os.fspath(path)
     # Open first and read the reason from the error: checking os.path.exists() beforehand would call a file
     # behind an unreadable folder "missing" (exists() is False whenever stat fails).
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return read_stream(f, path, limit=limit, what=what, line_limit=line_limit)
     except FileNotFoundError:
         raise SeqgenError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -51,27 +96,40 @@ def decode_utf8(data: bytes, path: str) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def read_text(path: str | os.PathLike, *, allow_empty: bool = False) -> str:
+def read_text(path: str | os.PathLike, *, allow_empty: bool = False, limit: int | None = None,
+              what: str = "one file", line_limit: int | None = None) -> str:
     """Return the whole file as a str with '\\n' line ends (CRLF is normalised; a lone CR is kept
     because splitting on it would silently misalign parallel files).
 
     Everything else valid UTF-8 is kept as it is: NUL and other control characters, U+2028, a second BOM.
-    Without allow_empty, a file with no characters other than whitespace raises SeqgenError.
+    Without allow_empty, a file with no characters other than whitespace raises SeqgenError. limit, what,
+    line_limit: see `read_stream`.
     """
     path = os.fspath(path)
-    text = decode_utf8(read_bytes(path), path).replace("\r\n", "\n")
+    data = read_bytes(path, limit=limit, what=what, line_limit=line_limit)
+    text = decode_utf8(data, path).replace("\r\n", "\n")
     if not allow_empty and not text.strip():
         raise SeqgenError(f"{path}: file is empty" + (" (only whitespace)" if text else ""))
     return text
 
 
-def read_lines(path: str | os.PathLike, *, allow_empty: bool = False) -> list[str]:
-    """Return the lines of a text file without line ends (a final newline does not add an empty line)."""
-    text = read_text(path, allow_empty=allow_empty)
+def _split_lines(text: str) -> list[str]:
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return lines
+
+
+def read_lines(path: str | os.PathLike, *, allow_empty: bool = False) -> list[str]:
+    """Return the lines of a text file without line ends (a final newline does not add an empty line); a
+    line longer than MAX_LINE_BYTES is an error naming it."""
+    return _split_lines(read_text(path, allow_empty=allow_empty, line_limit=MAX_LINE_BYTES))
+
+
+def read_stream_lines(f: BinaryIO, name: str = "<stdin>") -> list[str]:
+    """The lines of a stream (stdin), as `read_lines` reads a file's (an empty stream has none)."""
+    data = read_stream(f, name, what="one input", line_limit=MAX_LINE_BYTES)
+    return _split_lines(decode_utf8(data, name).replace("\r\n", "\n"))
 
 
 class LMBatches:

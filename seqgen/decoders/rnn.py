@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seqgen.config import MAX_WIDTH, Bounds, Layers, Rate, Width
 from seqgen.decoders.attention import Attention
 from seqgen.decoders.fast_step import FastStep
 from seqgen.decoders.state import DecoderState
@@ -43,15 +44,15 @@ class DecoderConfig:
     """
 
     cell: Literal["lstm", "gru"] = "lstm"
-    emb: int = 256
-    hidden: int = 512
-    layers: int = 1
+    emb: Width = 256
+    hidden: Width = 512
+    layers: Layers = 1
     attention: Literal["none", "bahdanau", "luong_dot", "luong_general"] = "none"
-    attention_size: int = 0
+    attention_size: Annotated[int, Bounds(0, MAX_WIDTH)] = 0
     input_feeding: bool = False
     tie_embeddings: bool = True
-    dropout: float = 0.3
-    memory_dropout: float = 0.0
+    dropout: Rate = 0.3
+    memory_dropout: Rate = 0.0
     bridge: bool = True
 
 

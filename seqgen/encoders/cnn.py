@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 from urllib.parse import urlparse
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from seqgen.config import File, Name
+from seqgen.config import Bounds, File, Name
 from seqgen.encoders.base import EncoderOutput
 from seqgen.errors import SeqgenError
 
@@ -53,7 +53,7 @@ class CNNEncoderConfig:
                    names) instead of weights
     freeze:        keep the backbone's weights fixed (training then reads its features from a cache)
     finetune_from: with freeze false: the first block to train (e.g. layer4); without it, the whole backbone
-    image_size:    images are cropped to their central square and resized to this many pixels a side
+    image_size:    images are cropped to their central square and resized to this many pixels a side (16 to 4096)
     """
 
     backbone: Backbone = "resnet18"
@@ -61,7 +61,7 @@ class CNNEncoderConfig:
     weights_file: File | None = None
     freeze: bool = True
     finetune_from: Name | None = None
-    image_size: int = 224
+    image_size: Annotated[int, Bounds(16, 4096)] = 224
 
 
 class TinyCNN(nn.Module):

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from seqgen.config import Layers, Rate, Width
 from seqgen.encoders.base import EncoderOutput
 
 
@@ -24,11 +25,11 @@ class RNNEncoderConfig:
     """
 
     cell: Literal["lstm", "gru"] = "gru"
-    emb: int = 256
-    hidden: int = 512
-    layers: int = 1
+    emb: Width = 256
+    hidden: Width = 512
+    layers: Layers = 1
     bidirectional: bool = True
-    dropout: float = 0.3
+    dropout: Rate = 0.3
 
 
 class RNNTextEncoder(nn.Module):

@@ -15,6 +15,8 @@ from seqgen.generation import GenerationConfig
 if TYPE_CHECKING:
     from seqgen.model import Seq2Seq
 
+MAX_SAMPLES = 1_000     # continuations generated at once (one batch)
+
 
 def generate_text(model: Seq2Seq, prompt: str, gen: GenerationConfig, *, num_samples: int = 1,
                   seed: int = 1, on_text: Callable[[str], None] | None = None) -> list[str]:
@@ -24,6 +26,8 @@ def generate_text(model: Seq2Seq, prompt: str, gen: GenerationConfig, *, num_sam
     on_text: called with each new piece of the first sample's text as it settles (the prompt first), so that
     on_text's pieces joined equal the first returned text; for beam search, the piece every beam agrees on.
     """
+    if not 1 <= num_samples <= MAX_SAMPLES:
+        raise SeqgenError(f"--num-samples must be between 1 and {MAX_SAMPLES:,}, got {num_samples}")
     unknown = model.tgt.unknown(prompt)
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:10])
@@ -32,12 +36,13 @@ def generate_text(model: Seq2Seq, prompt: str, gen: GenerationConfig, *, num_sam
     prefix = torch.tensor(ids, dtype=torch.long, device=model.device) if ids else None
     generator = torch.Generator(device=model.device).manual_seed(seed)
     n = 1 if gen.beam > 1 else num_samples
-    stream, shown = None, [""]
-    if on_text is not None:
-        def stream(i: int, tokens: list[int]) -> None:
-            if i == 0:
-                _show(model.tgt.decode(ids + tokens), shown, on_text)
-    results = model.generate(batch_size=n, gen=gen, prefix=prefix, generator=generator, stream=stream)
+    shown = [""]
+
+    def stream(i: int, tokens: list[int]) -> None:
+        if i == 0:
+            _show(model.tgt.decode(ids + tokens), shown, on_text)
+    results = model.generate(batch_size=n, gen=gen, prefix=prefix, generator=generator,
+                             stream=stream if on_text is not None else None)
     texts = [model.tgt.decode(ids + h.tokens) for hyps in results for h in hyps]
     if on_text is not None:
         _show(texts[0], shown, on_text)

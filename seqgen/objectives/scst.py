@@ -15,12 +15,13 @@ whose forward takes a `Batch` (cached image features; `index` = image rows) and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seqgen.config import Bounds, ConfigValueError, Positive, Tokens, validate
 from seqgen.data.batch import Batch
 from seqgen.decoders.state import select_batch
 from seqgen.errors import SeqgenError
@@ -33,19 +34,19 @@ from seqgen.data.batching import pad_sequences
 @dataclass
 class SCSTConfig:
     scst: bool = False               # fine-tune with self-critical training on CIDEr-D (needs --init-from)
-    scst_samples: int = 5            # captions sampled per image
+    scst_samples: Positive = 5       # captions sampled per image
     scst_baseline: Literal["mean", "greedy"] = "mean"   # baseline: the image's other samples, or its greedy caption
-    scst_max_len: int = 20           # longest sampled caption (tokens)
-    scst_temperature: float = 1.0    # sampling temperature
+    scst_max_len: Tokens = 20        # longest sampled caption (tokens)
+    scst_temperature: Annotated[float, Bounds(0.0, low_open=True)] = 1.0    # sampling temperature
 
     def validate(self) -> None:
-        if self.scst_samples < (2 if self.scst_baseline == "mean" else 1):
-            raise SeqgenError(f"--scst-samples must be >= 2 with the mean baseline (>= 1 with greedy), "
-                              f"got {self.scst_samples}")
-        if self.scst_max_len < 1:
-            raise SeqgenError(f"--scst-max-len must be >= 1, got {self.scst_max_len}")
-        if not self.scst_temperature > 0:
-            raise SeqgenError(f"--scst-temperature must be > 0, got {self.scst_temperature}")
+        """Every field within its bounds, and the rules between them (seqgen.config.validate)."""
+        validate(self)
+
+    def cross_check(self) -> None:
+        if self.scst_baseline == "mean" and self.scst_samples < 2:
+            raise ConfigValueError(("scst_samples",), f"must be >= 2 with the mean baseline (>= 1 with greedy), "
+                                                      f"got {self.scst_samples}")
 
 
 class SelfCritical(nn.Module):

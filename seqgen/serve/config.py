@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from seqgen.config import Name
-from seqgen.errors import SeqgenError
-from seqgen.precision import AMP_CHOICES
+from seqgen.config import Bounds, Name, Positive, Tokens, validate
 
 
 @dataclass
@@ -30,31 +28,20 @@ class ServeConfig:
     """
 
     host: Name = "127.0.0.1"
-    port: int = 8000
+    port: Annotated[int, Bounds(1, 65535)] = 8000
     api_key: Name = ""
-    max_batch: int = 32
-    max_wait_ms: float = 50.0
-    quiet_ms: float = 10.0
-    max_queue: int = 256
-    max_body_bytes: int = 10_000_000
-    max_text_chars: int = 1000
-    max_texts: int = 64
-    max_image_pixels: int = 40_000_000
-    max_len: int = 500
-    max_samples: int = 16
+    max_batch: Positive = 32
+    max_wait_ms: Annotated[float, Bounds(0.0, 1000.0)] = 50.0
+    quiet_ms: Annotated[float, Bounds(0.0, 1000.0)] = 10.0
+    max_queue: Positive = 256
+    max_body_bytes: Positive = 10_000_000
+    max_text_chars: Positive = 1000
+    max_texts: Positive = 64
+    max_image_pixels: Positive = 40_000_000
+    max_len: Tokens = 500
+    max_samples: Positive = 16
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
 
     def validate(self) -> None:
-        for name in ("port", "max_batch", "max_queue", "max_body_bytes", "max_text_chars", "max_texts",
-                     "max_image_pixels", "max_len", "max_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SeqgenError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.port > 65535:
-            raise SeqgenError(f"--port must be at most 65535, got {self.port}")
-        if not (0 <= self.max_wait_ms <= 1000):
-            raise SeqgenError(f"--max-wait-ms must be between 0 and 1000, got {self.max_wait_ms}")
-        if not (0 <= self.quiet_ms <= 1000):
-            raise SeqgenError(f"--quiet-ms must be between 0 and 1000, got {self.quiet_ms}")
-        if self.amp not in AMP_CHOICES:
-            raise SeqgenError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+        """Every field within its bounds (seqgen.config.validate)."""
+        validate(self)

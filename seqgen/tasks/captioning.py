@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 
 from torch import Tensor
 
-from seqgen.config import to_dict
+from seqgen.config import to_dict, validate
 from seqgen.data.captions import (CachedCaptionBatches, CaptionDataConfig, CaptionExamples, ImageCaptionBatches,
                                   cached_valid_batches, image_valid_batches, load_splits)
 from seqgen.data.features import FeatureCache
@@ -40,7 +40,7 @@ from seqgen.inference.captioning import caption_tensor
 from seqgen.log import Log, main_process_log, warning
 from seqgen.metrics import caption_bleu, cider_d
 from seqgen.model import ModelConfig, Seq2Seq
-from seqgen.runs import check_out_dir, holds_run_folder, load_resume_run
+from seqgen.runs import check_out_dir, data_fingerprint, holds_run_folder, load_resume_run
 from seqgen.tokenizers import TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 
@@ -106,18 +106,10 @@ def make_evaluate(names: Sequence[str], references: Sequence[Sequence[str]],
 _VOCAB_KEYS = ("level", "lowercase", "min_freq", "vocab_size")
 
 
-def _check_data_config(d: CaptionDataConfig) -> None:
-    for name in ("batch_size", "valid_batch_size", "max_len", "min_freq"):
-        if getattr(d, name) < 1:
-            raise SeqgenError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(d, name)}")
-    if (d.num_workers is not None and d.num_workers < 0) or d.valid_limit < 0:
-        raise SeqgenError("--num-workers and --valid-limit must be >= 0")
-
-
 @entry_point
 @holds_run_folder
 def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = False, overrides: dict | None = None,
-                     log: Log | None = None) -> TrainState:
+                     log: Log | None = None, allow_data_change: bool = False) -> TrainState:
     """Train (or resume) a captioning model; checkpoints and metrics.jsonl go to `out_dir`.
 
     Frozen backbone: the features of the training and validation images are computed once into
@@ -125,15 +117,17 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
     Otherwise the images are decoded for every batch and the backbone trains (from `finetune_from` on).
     Validation CIDEr-D (decoding with `run.eval`) every `run.train.eval_every` steps picks best.pt and drives
     early stopping (`run.train.patience`). Under torchrun every process calls this (data parallelism, see
-    seqgen/distributed.py): process 0 computes the feature cache, the others then read it.
+    seqgen/distributed.py): process 0 computes the feature cache, the others then read it. allow_data_change:
+    resume although the captions or split files are not the ones the checkpoint was trained on (the images
+    themselves are not fingerprinted).
     """
+    validate(run)
     resume_path = check_out_dir(out_dir, resume)
     model: Seq2Seq | None = None
     if resume_path:
-        run, model = load_resume_run(resume_path, "captioning", CaptionRunConfig, overrides, vocab_keys=_VOCAB_KEYS)
+        run, model = load_resume_run(resume_path, "captioning", CaptionRunConfig, overrides, vocab_keys=_VOCAB_KEYS,
+                                     allow_data_change=allow_data_change)
     d = run.data
-    _check_data_config(d)
-    run.eval.validate()
     dist = setup(run.train.device)
     say = main_process_log(log, dist.is_main)
     splits = load_splits(d, run.train.seed)
@@ -190,7 +184,7 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
 
     evaluate = make_evaluate(valid_names, references, valid_batches, run.eval)
     trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="cider", mode="max",
-                      run_config=to_dict(run), log=log, dist=dist)
+                      run_config=to_dict(run), log=log, dist=dist, data_fingerprint=data_fingerprint(d))
     if resume_path:
         trainer.resume(resume_path)
     else:

@@ -3,12 +3,12 @@ validation (generating from a prompt is seqgen.inference.lm)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
-from seqgen.config import File, to_dict
+from seqgen.config import MAX_VOCAB, Bounds, File, Positive, to_dict, validate
 from seqgen.data.text import LMBatches, read_text
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.distributed import entry_point
@@ -16,7 +16,7 @@ from seqgen.errors import SeqgenError
 from seqgen.log import Log
 from seqgen.metrics import perplexity
 from seqgen.model import ModelConfig, Seq2Seq
-from seqgen.runs import check_out_dir, holds_run_folder, load_resume_run
+from seqgen.runs import check_out_dir, data_fingerprint, holds_run_folder, load_resume_run
 from seqgen.tokenizers import TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 
@@ -37,12 +37,12 @@ class LMDataConfig:
 
     text: File = ""
     level: Literal["char", "word", "subword"] = "char"
-    valid_fraction: float = 0.1
-    seq_len: int = 256
-    batch_size: int = 64
-    min_freq: int = 1
-    max_vocab: int = 0
-    vocab_size: int = 8000
+    valid_fraction: Annotated[float, Bounds(0.0, 1.0, low_open=True, high_open=True)] = 0.1
+    seq_len: Annotated[int, Bounds(1, 1_000_000)] = 256
+    batch_size: Positive = 64
+    min_freq: Positive = 1
+    max_vocab: Annotated[int, Bounds(0, MAX_VOCAB)] = 0
+    vocab_size: Annotated[int, Bounds(1, MAX_VOCAB)] = 8000
 
 
 @dataclass
@@ -101,15 +101,17 @@ def make_evaluate(valid_ids: torch.Tensor, seq_len: int, streams: int, bos: int,
 @entry_point
 @holds_run_folder
 def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides: dict | None = None,
-             log: Log | None = None) -> TrainState:
+             log: Log | None = None, allow_data_change: bool = False) -> TrainState:
     """Train (or resume) a language model on `run.data.text`; checkpoints go to `out_dir`.
 
+    allow_data_change: resume although the text file is not the one the checkpoint was trained on.
     Under torchrun every process calls this (data parallelism, see seqgen/distributed.py)."""
+    validate(run)
     resume_path = check_out_dir(out_dir, resume)
     if resume_path:
         run, model = load_resume_run(resume_path, "lm", LMRunConfig, overrides,
                                      vocab_keys=("level", "min_freq", "max_vocab", "vocab_size"),
-                                     model_sections=("decoder",))
+                                     model_sections=("decoder",), allow_data_change=allow_data_change)
         codec = model.tgt
     elif not run.data.text:   # (a --resume of a run killed before its first checkpoint starts it anew)
         raise SeqgenError("--text is required: the UTF-8 text file to train on")
@@ -126,7 +128,7 @@ def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides:
                      bos=codec.vocab.bos, seed=run.train.seed, name=run.data.text)
     evaluate = make_evaluate(valid_ids, run.data.seq_len, 8, codec.vocab.bos, codec.vocab.pad)
     trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="loss", mode="min",
-                      run_config=to_dict(run), log=log)
+                      run_config=to_dict(run), log=log, data_fingerprint=data_fingerprint(run.data))
     if resume_path:
         trainer.resume(resume_path)
     else:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
-from seqgen.config import File, to_dict
+from seqgen.config import MAX_VOCAB, Bounds, Count, File, Positive, Tokens, to_dict, validate
 from seqgen.data.parallel import ParallelBatches, ParallelCorpus, filter_by_length, read_parallel, read_tsv
 from seqgen.data.text import read_bytes
 from seqgen.decoders.rnn import DecoderConfig
@@ -29,7 +29,7 @@ from seqgen.inference.translation import translate
 from seqgen.log import Log, main_process_log, quiet, warning
 from seqgen.metrics import corpus_scores, perplexity
 from seqgen.model import ModelConfig, Seq2Seq
-from seqgen.runs import check_out_dir, holds_run_folder, load_resume_run
+from seqgen.runs import check_out_dir, data_fingerprint, holds_run_folder, load_resume_run
 from seqgen.tokenizers import SubwordTokenizer, TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 from seqgen.vocab import SPECIALS, Vocab
@@ -53,7 +53,7 @@ class TranslationDataConfig:
     tgt_spm:          subword: the same for the target (with joint_vocab, one of the two serves both sides)
     min_freq:         char/word: rarer tokens become <unk>
     max_vocab:        char/word: vocabulary cap including specials; 0 = none
-    max_len:          training pairs with more tokens than this on either side are dropped
+    max_len:          training pairs with more tokens than this on either side are dropped (at most 10,000)
     max_tokens:       token budget per batch (padded source or target); 0 = batch_size sentences per batch
     batch_size:       sentences per batch when max_tokens is 0
     valid_batch_size: sentences per batch when decoding the validation set
@@ -67,16 +67,16 @@ class TranslationDataConfig:
     valid_tsv: File = ""
     level: Literal["char", "word", "subword"] = "subword"
     joint_vocab: bool = True
-    vocab_size: int = 8000
+    vocab_size: Annotated[int, Bounds(1, MAX_VOCAB)] = 8000
     model_type: Literal["bpe", "unigram"] = "bpe"
     src_spm: File = ""
     tgt_spm: File = ""
-    min_freq: int = 1
-    max_vocab: int = 0
-    max_len: int = 100
-    max_tokens: int = 0
-    batch_size: int = 64
-    valid_batch_size: int = 64
+    min_freq: Positive = 1
+    max_vocab: Annotated[int, Bounds(0, MAX_VOCAB)] = 0
+    max_len: Tokens = 100
+    max_tokens: Count = 0
+    batch_size: Positive = 64
+    valid_batch_size: Positive = 64
 
 
 @dataclass
@@ -212,26 +212,24 @@ def make_evaluate(valid: ParallelCorpus, gen: GenerationConfig,
 @entry_point
 @holds_run_folder
 def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool = False,
-                      overrides: dict | None = None, log: Log | None = None) -> TrainState:
+                      overrides: dict | None = None, log: Log | None = None,
+                      allow_data_change: bool = False) -> TrainState:
     """Train (or resume) a translation model; checkpoints and metrics.jsonl go to `out_dir`.
 
     Validation BLEU (sacreBLEU, decoding with `run.eval`) every `run.train.eval_every` steps picks best.pt
     and drives early stopping (`run.train.patience`). Under torchrun every process calls this (data
-    parallelism, see seqgen/distributed.py); process 0 alone prints.
+    parallelism, see seqgen/distributed.py); process 0 alone prints. allow_data_change: resume although a
+    data file is not the one the checkpoint was trained on.
     """
+    validate(run)
     say = main_process_log(log, is_main_process())
     resume_path = check_out_dir(out_dir, resume)
     model: Seq2Seq | None = None
     if resume_path:
         run, model = load_resume_run(resume_path, "translation", TranslationRunConfig, overrides,
-                                     vocab_keys=_VOCAB_KEYS)
+                                     vocab_keys=_VOCAB_KEYS, allow_data_change=allow_data_change)
         check_codecs_match(model, run.data, resume_path)
     d = run.data
-    if d.max_len < 1:
-        raise SeqgenError(f"--max-len must be >= 1, got {d.max_len}")
-    if d.max_tokens < 0 or d.batch_size < 1 or d.valid_batch_size < 1:
-        raise SeqgenError("--max-tokens must be >= 0 and --batch-size/--valid-batch-size >= 1")
-    run.eval.validate()
 
     corpus, train_name = read_corpus(d.src_train, d.tgt_train, d.train_tsv, what="training")
     valid, valid_name = read_corpus(d.src_valid, d.tgt_valid, d.valid_tsv, what="validation")
@@ -259,7 +257,7 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
 
     evaluate = make_evaluate(valid, run.eval, d.valid_batch_size)
     trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="bleu", mode="max",
-                      run_config=to_dict(run), log=log)
+                      run_config=to_dict(run), log=log, data_fingerprint=data_fingerprint(d))
     if resume_path:
         trainer.resume(resume_path)
     else:
