@@ -501,6 +501,9 @@ def test_disk_full_inside_torch_save_is_one_line_and_keeps_the_previous_checkpoi
 
 
 def test_disk_full_when_translating_leaves_the_old_output_and_no_temp_file(tmp_path, monkeypatch, capsys):
+    """An earlier output is never replaced without --overwrite; a disk that fills before the first chunk is
+    written is one line and leaves nothing behind (no empty output, no resume sidecar, no temp file)."""
+    import seqgen.tasks.translate_file as tf
     from seqgen.checkpoint import save_checkpoint as save
     from seqgen.cli import main
     codec = TextCodec.build("word", ["a b c d"])
@@ -510,11 +513,17 @@ def test_disk_full_when_translating_leaves_the_old_output_and_no_temp_file(tmp_p
     (tmp_path / "src.txt").write_text("a b\nc d\n")
     out = tmp_path / "hyp.txt"
     out.write_text("the earlier translations\n")
-    _fill_disk_at(monkeypatch, "w", 1, room=0)
-    assert main(["translate", str(tmp_path / "mt.pt"), str(tmp_path / "src.txt"), "--out", str(out), "--greedy"]) == 2
-    assert capsys.readouterr().err == f"seqgen: error: {out}: cannot write (No space left on device)\n"
-    assert out.read_text() == "the earlier translations\n"
-    assert sorted(os.listdir(tmp_path)) == ["hyp.txt", "mt.pt", "src.txt"]     # no .tmp- file holding the space
+    args = ["translate", str(tmp_path / "mt.pt"), str(tmp_path / "src.txt"), "--greedy"]
+    assert main([*args, "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == "the earlier translations\n"
+    fresh = tmp_path / "new.txt"
+    monkeypatch.setattr(tf, "open", lambda file, mode="r", *a, **k: _FullDisk(open(file, mode, *a, **k), 0)
+                        if mode == "a" else open(file, mode, *a, **k), raising=False)
+    assert main([*args, "--out", str(fresh)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"seqgen: error: {fresh}: cannot write the translations (No space left on device)")
+    assert len(err.splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["hyp.txt", "mt.pt", "src.txt"]     # nothing holding the space
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device whose writes fail: ENOSPC)")
