@@ -1,4 +1,7 @@
-"""`seqgen` command line: train, generate, translate, evaluate, caption, plot, bench, demo, models.
+"""`seqgen` command line: train, generate, translate, evaluate, caption, plot, bench, demo, models, serve, average.
+
+Over 500 lines because it holds every command's parser and its thin handler side by side (a reader finds a
+command's flags and what it does in one place); the work itself is in seqgen.tasks, .inference and .serve.
 
 Flags come from the same dataclasses as the YAML configs (seqgen.config), so every config key is also a
 flag, documented once in its dataclass's docstring. Library errors (`SeqgenError`) become one line
@@ -237,7 +240,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stream and args.num_samples > 1 and gen.beam == 1:
         raise SeqgenError("--stream shows one text: use it with --num-samples 1")
     model = load_model(args.checkpoint, device=resolve_device(args.device), task="lm")
-    if args.line_buffered or (args.prompt == "" and "--prompt" not in sys.argv and sys.stdin.isatty()):
+    if args.line_buffered or (args.prompt == "" and "--prompt" not in sys.argv
+                              and getattr(sys.stdin, "isatty", lambda: False)()):
         for line in sys.stdin:
             _generate_one(model, line.rstrip("\r\n"), gen, args)
         return 0
@@ -320,10 +324,12 @@ def _translate(args: argparse.Namespace) -> int:
                               {"MODEL": args.checkpoint, "the input": args.input})
     if args.input != "-" and not os.path.exists(args.input):
         raise SeqgenError(f"{args.input}: no such file")
+    if os.path.isdir(args.input):
+        raise SeqgenError(f"{args.input}: is a directory, not a text file")
     dist = setup(args.device)
     model = load_model(args.checkpoint, device=dist.device, task="translation")
     draw = _attention_drawer(args, model)
-    interactive = args.input == "-" and (args.line_buffered or sys.stdin.isatty())
+    interactive = args.input == "-" and (args.line_buffered or getattr(sys.stdin, "isatty", lambda: False)())
     try:
         if interactive:
             out = sys.stdout if args.out == "-" else open(args.out, "a", encoding="utf-8")

@@ -38,6 +38,7 @@ def holds_run_folder(train_fn: Callable[..., T]) -> Callable[..., T]:
         # not a folder, or nothing to resume: check_out_dir says so
         if launch_info().rank != 0 or (os.path.lexists(out_dir) or kwargs.get("resume")) and not folder:
             return train_fn(run_config, out_dir, *args, **kwargs)
+        _check_writable(out_dir)      # before the lock makes the folder: a read-only place fails with nothing made
         with holding(acquire_lock(run_folder_lock_path(out_dir), f"the run folder {out_dir}")):
             return train_fn(run_config, out_dir, *args, **kwargs)
 

@@ -22,7 +22,7 @@ MAX_LINE_BYTES = 16 << 20    # the longest line of a one-item-per-line file (sen
 _CHUNK = 1 << 20
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift} {unit}"
@@ -40,7 +40,7 @@ def read_stream(f: BinaryIO, name: str, *, limit: int | None = None, what: str =
         while chunk := f.read(chunk_size):
             size += len(chunk)
             if size > limit:
-                raise SeqgenError(f"{name}: larger than {_size(limit)}, the most seqgen reads from {what}; "
+                raise SeqgenError(f"{name}: larger than {human_size(limit)}, the most seqgen reads from {what}; "
                                   f"split it into smaller parts")
             if line_limit is not None:
                 first = chunk.find(b"\n")
@@ -50,7 +50,7 @@ def read_stream(f: BinaryIO, name: str, *, limit: int | None = None, what: str =
                 else:
                     run += len(chunk) if first < 0 else first
                 if run > line_limit:
-                    raise SeqgenError(f"{name}:{lines + 1}: a line longer than {_size(line_limit)}, the longest "
+                    raise SeqgenError(f"{name}:{lines + 1}: a line longer than {human_size(line_limit)}, the longest "
                                       f"line seqgen reads; is this a text file with one item per line?")
             buf.write(chunk)
     except MemoryError:

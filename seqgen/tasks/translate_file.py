@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Callable, Iterable, Iterator
 
+from seqgen.data import text
 from seqgen.distributed import Distributed
 from seqgen.errors import SeqgenError
 from seqgen.generation import GenerationConfig
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from seqgen.model import Seq2Seq
 
 CHUNK_LINES = 2048      # lines per chunk: what a kill can cost, and the unit of sharding
-MAX_LINE_BYTES = 1 << 20   # a longer "line" is not a sentence (/dev/zero, a binary file): one error, bounded memory
 
 
 def format_result(number: int, hyps: list[Translation], n_best: int) -> str:
@@ -67,17 +67,21 @@ def read_chunks(path: str, chunk_lines: int = CHUNK_LINES) -> Iterator[list[str]
         raise SeqgenError(f"{path}: cannot read ({e.strerror or e})") from None
     name = "<stdin>" if path == "-" else path
     try:
-        lineno = 0
+        lineno, total = 0, 0
         while True:
             lines = []
             for _ in range(chunk_lines):
-                raw = f.readline(MAX_LINE_BYTES + 1)
+                raw = f.readline(text.MAX_LINE_BYTES + 1)
                 if not raw:
                     break
                 lineno += 1
-                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                    raise SeqgenError(f"{name}:{lineno}: a line longer than {MAX_LINE_BYTES:,} bytes (is this a "
-                                      f"text file?); split it or choose another input")
+                total += len(raw)
+                if len(raw) > text.MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    raise SeqgenError(f"{name}:{lineno}: a line longer than {text.human_size(text.MAX_LINE_BYTES)}, "
+                                      f"the longest line seqgen reads (is this a text file?)")
+                if path == "-" and total > text.MAX_FILE_BYTES:   # a file is streamed whole; a pipe may never end
+                    raise SeqgenError(f"{name}: larger than {text.human_size(text.MAX_FILE_BYTES)}, the most seqgen "
+                                      f"reads from one input; translate a file instead")
                 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]
                 try:
