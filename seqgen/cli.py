@@ -1,6 +1,6 @@
 """`seqgen` command line: train, generate, translate, evaluate, caption, plot, bench, demo, models, serve, average.
 
-Over 500 lines because it holds every command's parser and its thin handler side by side (a reader finds a
+It is over 500 lines because it holds every command's parser and its thin handler side by side (a reader finds a
 command's flags and what it does in one place); the work itself is in seqgen.tasks, .inference and .serve.
 
 Flags come from the same dataclasses as the YAML configs (seqgen.config), so every config key is also a
@@ -382,13 +382,13 @@ def _attention_drawer(args: argparse.Namespace, model):
     if model.decoder.attention is None:
         raise SeqgenError(f"{args.checkpoint}: this model has no attention (--attention none); "
                           f"there are no attention maps to draw")
-    try:
-        os.makedirs(args.attention_png, exist_ok=True)
-    except OSError as e:
-        raise SeqgenError(f"--attention-png {args.attention_png}: cannot create the folder "
-                          f"({e.strerror or e})") from None
 
     def draw(first: int, sources: list[str], results) -> None:
+        try:          # made with the first answers: a rejected input leaves no folder behind
+            os.makedirs(args.attention_png, exist_ok=True)
+        except OSError as e:
+            raise SeqgenError(f"--attention-png {args.attention_png}: cannot create the folder "
+                              f"({e.strerror or e})") from None
         for i, (source, hyps) in enumerate(zip(sources, results), first):
             best = hyps[0]
             if best.attention is None or not best.target_tokens:

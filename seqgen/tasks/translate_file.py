@@ -63,6 +63,8 @@ def read_chunks(path: str, chunk_lines: int = CHUNK_LINES) -> Iterator[list[str]
     is one error naming the line and column."""
     try:
         f = sys.stdin.buffer if path == "-" else open(path, "rb")
+    except PermissionError:
+        raise SeqgenError(f"{path}: permission denied") from None
     except OSError as e:
         raise SeqgenError(f"{path}: cannot read ({e.strerror or e})") from None
     name = "<stdin>" if path == "-" else path
