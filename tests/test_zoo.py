@@ -222,7 +222,8 @@ def test_demo_runs_the_three_jobs(tmp_path):
     lines = []
     results = run_demo(out=str(tmp_path / "demo"), say=lines.append)
     assert all(results["translations"]) and len(results["generations"]) == 2
-    if results.get("captions") is not None:
-        assert all(results["captions"])
+    from seqgen.tasks.demo import demo_photos
+    if demo_photos():                                  # matplotlib (a dependency of the set-up) carries one
+        assert results["captions"] and all(results["captions"])
         assert list((tmp_path / "demo").glob("*_attention.png"))
     assert any("seqgen caption flickr8k-captioner" in line for line in lines)

@@ -32,8 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from seqgen.errors import LINE_BREAKS, SeqgenError
+from seqgen.errors import SeqgenError
 from seqgen.generation import decoding_config
+from seqgen.log import printable
 from seqgen.inference import default_decoding
 from seqgen.serve.batcher import Batcher, QueueFull
 from seqgen.serve.config import ServeConfig
@@ -42,7 +43,6 @@ from seqgen.serve.models import ServedModel, gen_key, run_batch
 _GEN_FIELDS = ("beam", "temperature", "top_k", "top_p", "max_len", "min_len", "length_penalty", "n_best",
                "no_repeat_ngram")
 _FLAG = re.compile(r"--([a-z][a-z-]*)")
-_CONTROL = {c: " " for c in range(32)} | {ord(c): " " for c in LINE_BREAKS} | {127: " "}
 
 
 class ApiError(Exception):
@@ -56,7 +56,7 @@ class _BodyTooLarge(Exception):
 
 
 def one_line(message: str, limit: int = 300) -> str:
-    text = str(message).translate(_CONTROL)
+    text = printable(str(message))      # the CLI's escaping: one line, no control characters
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
