@@ -17,7 +17,7 @@ resumed and uninterrupted runs, and runs with the same global batch on any world
 
 The module is over 500 lines because the loop's parts (the step, evaluation, checkpoints, resume, the
 data-parallel bookkeeping) all read and write one TrainState and rely on each other's invariants, and its
-TrainConfig documents each of its 24 fields (the text of their --help); what does not need the loop's state
+TrainConfig documents each of its 25 fields (the text of their --help); what does not need the loop's state
 (run folders, resuming a run's config) is in seqgen/runs.py.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class TrainConfig:
     eval_every:       validate, and keep best.pt, every this many steps
     log_every:        log the training loss and speed every this many steps
     checkpoint_every: save last.pt every this many steps (and at every evaluation)
+    keep_checkpoints: keep the weights of the last N validations as step-STEP.pt (for seqgen average); 0 = none
     patience:         early stopping: evaluations without improvement before training stops; 0 = never
     max_bad_steps:    consecutive non-finite losses (skipped steps) before training stops
     accumulate:       batches per process per optimizer step (a step trains on processes x accumulate batches)
@@ -99,6 +101,7 @@ class TrainConfig:
     eval_every: Positive = 500
     log_every: Positive = 50
     checkpoint_every: Positive = 500
+    keep_checkpoints: Count = 0
     patience: Count = 0
     max_bad_steps: Positive = 5
     accumulate: Positive = 1
@@ -193,6 +196,9 @@ def _steps_of(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
         yield group
 
 
+_KEPT = re.compile(r"step-(\d+)\.pt")   # keep_checkpoints' files in the run folder
+
+
 class Trainer:
     """Trains `model` on `data`, evaluating with `evaluate` and keeping checkpoints in `out_dir`.
 
@@ -241,8 +247,8 @@ class Trainer:
                 os.makedirs(out_dir, exist_ok=True)
             except OSError as e:
                 raise SeqgenError(f"--out {out_dir}: cannot create the run folder ({e.strerror or e})") from None
-            for path in (self.last_path, self.best_path):  # what a run killed mid-save left behind
-                remove_partial_writes(path)
+            for path in (self.last_path, self.best_path, *self.kept_checkpoints()):  # what a run killed
+                remove_partial_writes(path)                                                # mid-save left behind
         # the loss a step minimises: cross-entropy, or a task's own objective (a module: Batch -> scalar loss,
         # optionally with stats() -> {name: value} for the training log), e.g. self-critical captioning
         training_loss = objective if objective is not None else _TrainingLoss(self.model, cfg.label_smoothing)
@@ -284,6 +290,29 @@ class Trainer:
             if self.ema is not None:
                 payload["trainer"]["ema"] = self.ema.state_dict()
         return payload
+
+    def kept_checkpoints(self) -> list[str]:
+        """The step-STEP.pt files of `keep_checkpoints` in the run folder, oldest first."""
+        try:
+            names = os.listdir(self.out_dir)
+        except OSError:
+            return []
+        steps = sorted(int(m.group(1)) for m in map(_KEPT.fullmatch, names) if m)
+        return [os.path.join(self.out_dir, f"step-{s}.pt") for s in steps]
+
+    def _keep_checkpoint(self) -> None:
+        """Save the weights just validated as step-STEP.pt and delete all but the newest keep_checkpoints.
+
+        A resumed run first drops files of steps after the one it resumes from: they came from the part of
+        the run that is being redone.
+        """
+        self._save(os.path.join(self.out_dir, f"step-{self.state.step}.pt"), with_trainer=False)
+        kept = self.kept_checkpoints()
+        for path in kept[:max(0, len(kept) - self.cfg.keep_checkpoints)]:
+            try:
+                os.remove(path)
+            except OSError as e:   # keeping one too many loses nothing: say so and go on
+                warning(f"{path}: cannot delete an old kept checkpoint ({e.strerror or e})")
 
     def save(self) -> None:
         """Write last.pt (process 0; the others only note the step)."""
@@ -335,6 +364,10 @@ class Trainer:
             if "ema" in tr:
                 self.ema.load_state_dict(tr["ema"], where=path)
         self._saved_step = self.state.step
+        if self.dist.is_main:
+            for kept in self.kept_checkpoints():
+                if int(_KEPT.fullmatch(os.path.basename(kept)).group(1)) > self.state.step:
+                    os.remove(kept)
         self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                   f"batch {self.state.batch_in_epoch})")
 
@@ -394,6 +427,8 @@ class Trainer:
         if improved:
             st.best, st.bad_evals, st.bad_plateau = value, 0, 0
             self._save(self.best_path, with_trainer=False)
+        if self.cfg.keep_checkpoints:
+            self._keep_checkpoint()
         else:
             st.bad_evals += 1
             st.bad_plateau += 1

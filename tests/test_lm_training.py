@@ -117,3 +117,26 @@ def test_generate_decodes_without_dropout_and_restores_the_mode():
     assert all(m.training for m in model.modules())
     assert [[(h.tokens, round(h.score, 5)) for h in hs] for hs in got] == \
            [[(h.tokens, round(h.score, 5)) for h in hs] for hs in ref]
+
+
+def test_keep_checkpoints_keeps_the_last_n_validated_weights_and_a_resume_drops_the_redone_ones(tmp_path, text_file):
+    from seqgen.average import average_models
+    out = tmp_path / "run"
+    state = train_lm(tiny_run(text_file, max_steps=40, eval_every=10, checkpoint_every=10, keep_checkpoints=2),
+                     str(out), log=lambda m: None)
+    assert state.step == 40
+    assert sorted(p.name for p in out.glob("step-*.pt")) == ["step-30.pt", "step-40.pt"]
+    # the kept file holds the validated weights: at the last step they are last.pt's
+    last = load_model(str(out / "last.pt")).state_dict()
+    kept = load_model(str(out / "step-40.pt")).state_dict()
+    assert all(torch.equal(last[k], kept[k]) for k in last)
+    avg = average_models([str(out / "step-30.pt"), str(out / "step-40.pt")]).state_dict()
+    k = next(iter(avg))
+    s30 = load_model(str(out / "step-30.pt")).state_dict()
+    assert torch.allclose(avg[k], (s30[k] + kept[k]) / 2)
+    # a step file from beyond the resumed step (the part of a killed run being redone) goes away
+    (out / "step-50.pt").write_bytes((out / "step-40.pt").read_bytes())
+    (out / "step-9.pt.tmp").write_bytes(b"x")   # not a kept checkpoint: left alone
+    train_lm(tiny_run(text_file, max_steps=40, eval_every=10, checkpoint_every=10, keep_checkpoints=2),
+             str(out), resume=True, log=lambda m: None)
+    assert sorted(p.name for p in out.glob("step-*.pt")) == ["step-30.pt", "step-40.pt"]
