@@ -107,6 +107,7 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=50.0)
     p.add_argument("--quiet-ms", type=float, default=10.0)
+    p.add_argument("--threads", type=int, default=0, help="the server's decoding threads (default: torch's choice)")
     args = p.parse_args()
     d = args.data_dir
     sentences = open(os.path.join(d, "multi30k", "test_2016_flickr.de"), encoding="utf-8").read().splitlines()
@@ -115,7 +116,7 @@ def main() -> int:
     port = free_port()
     cmd = [sys.executable, "-m", "seqgen.cli", "serve", args.translator, args.captioner, "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--quiet-ms", str(args.quiet_ms),
-           "--max-queue", "4096"]
+           "--max-queue", "4096", "--threads", str(args.threads)]
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

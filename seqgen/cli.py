@@ -528,6 +528,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = from_dict(ServeConfig, flags_to_dict(args).get("serve", {}), where=None)
     _check_can_listen(cfg.host, cfg.port)      # before loading models: a taken port is one line, not a traceback
     torch.manual_seed(args.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     served = load_served(args.models, device=resolve_device(args.device))
     app = create_app(served, cfg)
     where = f"http://{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"http://[{cfg.host}]:{cfg.port}"

@@ -171,6 +171,8 @@ def test_configs_built_in_code_are_checked_the_same_way():
         GenerationConfig(min_len=50, max_len=10).validate()
     with pytest.raises(SeqgenError, match="--port must be between 1 and 65,535"):
         ServeConfig(port=0).validate()
+    with pytest.raises(SeqgenError, match="--threads must be >= 0, got -1"):
+        ServeConfig(threads=-1).validate()
     with pytest.raises(SeqgenError, match="--scst-samples must be >= 2 with the mean baseline"):
         SCSTConfig(scst_samples=1).validate()
     with pytest.raises(SeqgenError, match="ckpt: decoder.emb must be between 1 and 65,536, got -5"):

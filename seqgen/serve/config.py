@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from seqgen.config import Bounds, Name, Positive, Tokens, validate
+from seqgen.config import Bounds, Count, Name, Positive, Tokens, validate
 
 
 @dataclass
@@ -25,6 +25,8 @@ class ServeConfig:
     max_len:          the largest max_len a request may ask for
     max_samples:      the largest beam, n_best or num_samples a request may ask for
     amp:              decoding precision, as the CLI's --amp (off = float32, results independent of the batch)
+    threads:          torch threads of the decoding worker; 0 = torch's choice (one per core). Fewer leaves cores
+                      to the HTTP side (parsing, JSON, the clients on the same machine)
     """
 
     host: Name = "127.0.0.1"
@@ -41,6 +43,7 @@ class ServeConfig:
     max_len: Tokens = 500
     max_samples: Positive = 16
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    threads: Count = 0
 
     def validate(self) -> None:
         """Every field within its bounds (seqgen.config.validate)."""
