@@ -26,7 +26,7 @@ from seqgen.config import add_dataclass_flags, add_run_flags, build_run_config, 
 from seqgen.errors import SeqgenError, Terminated, sigterm_interrupts
 from seqgen.log import printable, to_stderr
 from seqgen.metrics import corpus_scores
-from seqgen.outputs import acquire_output_lock, holding, refuse_overwriting_inputs
+from seqgen.outputs import acquire_output_lock, holding, output_lock, refuse_overwriting_inputs
 from seqgen.plots import attention_heatmap, loss_curve, require_matplotlib
 
 
@@ -91,12 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(tr, TranslationRunConfig, prefixes={"encoder": "enc-", "eval": "eval-"})
 
     for name, help_text in (("translate", "translate text with a translation model (files or stdin/stdout)"),
-                            ("evaluate", "sacreBLEU BLEU and chrF of a translation model on a test set")):
+                            ("evaluate", "score a model on a test set: a translation model's sacreBLEU BLEU and "
+                                         "chrF (--src, --ref), a captioning model's BLEU-1..4, ROUGE-L and CIDEr-D "
+                                         "(--images, --captions)")):
         p = sub.add_parser(name, help=help_text,
                            description="Beam search with --beam 5 unless --greedy, --beam N or --temperature T "
-                                       "(sampling) is given.")
+                                       "(sampling) is given." + (
+                                           " A captioning model decodes as `seqgen caption` does (at most 30 "
+                                           "tokens, no repeated trigram) unless told otherwise. METEOR and SPICE "
+                                           "are not computed: their reference implementations need Java."
+                                           if name == "evaluate" else ""))
         p.add_argument("checkpoint", metavar="MODEL",
-                       help="a translation checkpoint (best.pt) or a shipped model's name (e.g. multi30k-de-en)")
+                       help="a translation checkpoint (best.pt) or a shipped model's name (e.g. multi30k-de-en)"
+                       + ("; or a captioning one (flickr8k-captioner)" if name == "evaluate" else ""))
         if name == "translate":
             p.add_argument("input", nargs="?", default="-", metavar="FILE",
                            help="source file, one sentence per line (default: stdin)")
@@ -110,9 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --out FILE: start the output over instead of continuing an interrupted run")
             p.add_argument("--attention-png", metavar="DIR", help="save an attention heatmap per sentence in DIR")
         else:
-            p.add_argument("--src", required=True, metavar="FILE", help="source file, one sentence per line")
-            p.add_argument("--ref", required=True, metavar="FILE", help="reference translations, aligned with --src")
-            p.add_argument("--out", metavar="FILE", help="also save the translations to this file")
+            p.add_argument("--src", metavar="FILE", help="translation: source file, one sentence per line")
+            p.add_argument("--ref", metavar="FILE", help="translation: reference translations, aligned with --src")
+            p.add_argument("--images", metavar="DIR", help="captioning: the folder the image names are relative to")
+            p.add_argument("--captions", metavar="FILE",
+                           help="captioning: the references (captions.tsv, a Karpathy dataset_*.json, COCO captions "
+                                "json or the Flickr8k token file); every caption of an image is a reference")
+            p.add_argument("--split", metavar="FILE",
+                           help="captioning: evaluate on the images this file names, one per line (default: every "
+                                "image of --captions)")
+            p.add_argument("--num-workers", type=int, default=None, metavar="N",
+                           help="captioning: image-decoding worker processes (default: by the device)")
+            p.add_argument("--out", metavar="FILE",
+                           help="also save the translations to this file; captioning: the captions, as .jsonl "
+                                "records or .tsv/.txt lines (image<TAB>caption)")
             p.add_argument("--json", action="store_true", help="print one JSON object instead of sacreBLEU lines")
         p.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
         p.add_argument("--batch-size", type=int, default=64, metavar="N",
@@ -308,17 +326,13 @@ def _load_translation_model(args: argparse.Namespace):
     return load_model(args.checkpoint, device=resolve_device(args.device), task="translation")
 
 
-@_locks_out
 def cmd_translate(args: argparse.Namespace) -> int:
     from seqgen.distributed import entry_point
     return entry_point(_translate)(args)   # under torchrun: closes the process group _translate opens
 
 
 def _translate(args: argparse.Namespace) -> int:
-    from seqgen.distributed import setup
-    from seqgen.model import load_model
-    from seqgen.tasks.translate_file import CHUNK_LINES as CHUNK
-    from seqgen.tasks.translate_file import format_result, read_chunks, translate_file, translate_stream
+    from seqgen.distributed import setup, share_cpu_cores
     gen = _search_gen(args, decoding_defaults("translate"))
     refuse_overwriting_inputs({"--out": args.out, "--attention-png": args.attention_png},
                               {"MODEL": args.checkpoint, "the input": args.input})
@@ -326,7 +340,21 @@ def _translate(args: argparse.Namespace) -> int:
         raise SeqgenError(f"{args.input}: no such file")
     if os.path.isdir(args.input):
         raise SeqgenError(f"{args.input}: is a directory, not a text file")
-    dist = setup(args.device)
+    dist = setup(args.device)      # under torchrun: this process's chunks of the file and its device
+    if dist.world > 1 and (args.input == "-" or args.out == "-"):
+        raise SeqgenError("under torchrun, seqgen translate shares an input file: give INPUT and --out FILE "
+                          "(stdin and stdout are one process's)")
+    share_cpu_cores(dist)
+    if args.out == "-":
+        return _translate_locked(args, dist, gen)
+    with output_lock(args.out, dist):   # one writer per --out; under torchrun process 0 holds it for all
+        return _translate_locked(args, dist, gen)
+
+
+def _translate_locked(args: argparse.Namespace, dist, gen) -> int:
+    from seqgen.model import load_model
+    from seqgen.tasks.translate_file import CHUNK_LINES as CHUNK
+    from seqgen.tasks.translate_file import format_result, read_chunks, translate_file, translate_stream
     model = load_model(args.checkpoint, device=dist.device, task="translation")
     draw = _attention_drawer(args, model)
     interactive = args.input == "-" and (args.line_buffered or getattr(sys.stdin, "isatty", lambda: False)())
@@ -405,6 +433,16 @@ def _attention_drawer(args: argparse.Namespace, model):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from seqgen.data.text import read_lines
     from seqgen.inference.translation import translate
+    captioning = [f for f, v in (("--images", args.images), ("--captions", args.captions), ("--split", args.split))
+                  if v]
+    if captioning:
+        if args.src or args.ref:
+            raise SeqgenError(f"{captioning[0]} evaluates a captioning model, --src/--ref a translation model: give "
+                              f"one set")
+        return _evaluate_captions(args)
+    if not args.src or not args.ref:
+        raise SeqgenError("--src and --ref are required to evaluate a translation model (--images and --captions "
+                          "for a captioning model)")
     gen = _search_gen(args, decoding_defaults("evaluate"))
     refuse_overwriting_inputs({"--out": args.out}, {"MODEL": args.checkpoint, "--src": args.src, "--ref": args.ref})
     src, ref = read_lines(args.src), read_lines(args.ref)
@@ -427,6 +465,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_captions(args: argparse.Namespace) -> int:
+    from seqgen.distributed import resolve_device
+    from seqgen.model import load_model
+    from seqgen.tasks.caption_eval import check_output, evaluate_captions, score_line, write_captions
+    gen = _search_gen(args, decoding_defaults("caption"))
+    if not args.images or not args.captions:
+        raise SeqgenError("--images and --captions are both required to evaluate a captioning model")
+    check_output(args.out)
+    refuse_overwriting_inputs({"--out": args.out}, {"MODEL": args.checkpoint, "--captions": args.captions,
+                                                    "--split": args.split})
+    model = load_model(args.checkpoint, device=resolve_device(args.device), task="captioning")
+    names, hyps, scores = evaluate_captions(model, args.images, args.captions, args.split or "", gen,
+                                            batch_size=args.batch_size, num_workers=args.num_workers)
+    if args.out:
+        write_captions(args.out, names, hyps)
+    if args.json:
+        print(json.dumps({**scores, "images": len(names), "beam": gen.beam, "temperature": gen.temperature}))
+    else:
+        print(score_line(scores, len(names), gen))
+    return 0
+
+
 # -- captioning ------------------------------------------------------------------------------------------
 def cmd_train_captioning(args: argparse.Namespace) -> int:
     from seqgen.tasks.captioning import CaptionRunConfig, train_captioning
@@ -444,20 +504,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def _caption(args: argparse.Namespace) -> int:
-    import torch
-
-    from seqgen.distributed import launch_info, setup
+    from seqgen.distributed import setup, share_cpu_cores
     from seqgen.model import load_model
     from seqgen.tasks.caption_folder import caption_folder, output_format
     # the same --greedy | --beam N | --temperature T rules as translate, and the caption defaults (no loops)
     gen = _search_gen(args, decoding_defaults("caption"))
     output_format(args.out)        # an unknown extension fails before the model is loaded
     dist = setup(args.device)      # under torchrun: this process's share of the folder and its device
-    if dist.world > 1 and dist.device.type == "cpu":
-        # The processes on a machine share its cores: never more threads than cores // processes (torchrun
-        # sets OMP_NUM_THREADS=1 unless told otherwise; a launch without it would start one per core each).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(min(torch.get_num_threads(), max(1, cores // launch_info().local_world)))
+    share_cpu_cores(dist)
     model = load_model(args.checkpoint, device=dist.device, task="captioning")
     try:
         summary = caption_folder(model, args.inputs, args.out, gen, batch_size=args.batch_size,

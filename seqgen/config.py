@@ -46,6 +46,7 @@ File = Annotated[str, "FILE"]
 Folder = Annotated[str, "DIR"]
 Name = Annotated[str, "NAME"]
 Device = Annotated[str, "DEVICE"]
+Model = Annotated[str, "MODEL"]     # a checkpoint file or the name of a shipped model
 
 # What a config may ask for (docs/reliability.md, "Second hostile review"): beyond these a value is a typo or an
 # attack, not a model seqgen can build in memory (seqgen.model also bounds the parameter count).

@@ -174,6 +174,16 @@ def setup(device_name: str) -> Distributed:
                        device=device)
 
 
+def share_cpu_cores(dist: Distributed) -> None:
+    """The processes of a torchrun on one machine share its cores: each runs at most cores // processes torch
+    threads (torchrun sets OMP_NUM_THREADS=1 unless told otherwise; a launch without it would start one thread
+    per core in each process, and they would spin against each other). No effect on a GPU or alone."""
+    if dist.world == 1 or dist.device.type != "cpu":
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(min(torch.get_num_threads(), max(1, cores // launch_info().local_world)))
+
+
 def entry_point(train_fn: Callable[..., T]) -> Callable[..., T]:
     """Decorator for a task's train_* function: a process group that `setup` opens while it runs is closed
     when it returns or raises, so that the function runs unchanged under torchrun, once per process."""

@@ -215,6 +215,44 @@ def cider_d(hyps: Sequence[str], refs: Sequence[Sequence[str]], sigma: float = 6
     return sum(scores) / len(scores)
 
 
+def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of token lists a and b (dynamic programming, one row)."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev_diag = 0
+        for j, y in enumerate(b, 1):
+            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], beta: float = 1.2) -> list[float]:
+    """ROUGE-L of each image as coco-caption computes it: P = max over references of LCS / caption length,
+    R = max over references of LCS / reference length (each maximised on its own), F = (1 + beta^2) P R /
+    (R + beta^2 P), 0 when P or R is 0 (an empty caption scores 0). Tokens: `caption_tokens`."""
+    _check_caption_inputs(hyps, refs)
+    out = []
+    for h, rs in zip(hyps, refs):
+        cand = caption_tokens(h)
+        p = r = 0.0
+        for ref in rs:
+            toks = caption_tokens(ref)
+            lcs = _lcs(cand, toks)
+            p, r = max(p, lcs / max(len(cand), 1)), max(r, lcs / max(len(toks), 1))
+        out.append((1 + beta ** 2) * p * r / (r + beta ** 2 * p) if p > 0 and r > 0 else 0.0)
+    return out
+
+
+def caption_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
+    """The caption metrics, one caption per image against all its references: BLEU-1..4 (0..100), ROUGE-L and
+    CIDEr-D (as coco-caption: CIDEr-D's idf over these images' references). Keys bleu1..bleu4, rouge_l, cider.
+    Training-time validation and `seqgen evaluate` both call this, so the same captions get the same numbers.
+    (METEOR and SPICE are not computed: their reference implementations run on Java.)"""
+    bleu = caption_bleu(hyps, refs)
+    rouge = rouge_l_scores(hyps, refs)
+    return {"cider": cider_d(hyps, refs), **{f"bleu{n}": bleu[f"bleu{n}"] for n in range(1, 5)},
+            "rouge_l": sum(rouge) / len(rouge)}
+
+
 def max_ngram_repeats(text: str, n: int = 3) -> int:
     """How often the most frequent word n-gram of `text` occurs (split on whitespace, lowercased); 0 if the
     text has fewer than n words. "a man in a red hat and a red hat" -> 2 for n = 3 ("a red hat")."""

@@ -11,6 +11,8 @@
   created, when nothing else was written there); a killed holder leaves a stale file that the next run takes over
   (the kernel drops the lock with the process). Where no lock file can be made or the filesystem has no flock (a
   read-only folder, some network filesystems, Windows), the command runs unlocked.
+- `output_lock(out, dist)`: the same lock for a run of several processes (torchrun): process 0 takes it, all
+  share the refusal.
 - `refuse_overwriting_inputs`: an output that is one of the inputs, or another output, resolved (the same
   file through a symlink or a hard link, `./a` and `a`), is refused before anything is written.
 - `spreadsheet_cell`: a text cell of a CSV/TSV file that begins like a formula gets a leading quote (OWASP's
@@ -151,6 +153,27 @@ def holding(lock: Lock) -> Iterator[Lock]:
         yield lock
     finally:
         lock.release()
+
+
+@contextmanager
+def output_lock(out_path: str, dist) -> Iterator[None]:
+    """Under torchrun, process 0 holds the lock of `out_path` for the block and the others share its answer:
+    when another seqgen holds it, every process of this run raises the same one-line error before reading or
+    writing anything. `dist` is a seqgen.distributed.Distributed (a world of one: just this process)."""
+    lock, refusal = None, None
+    if dist.is_main:
+        try:
+            lock = acquire_output_lock(out_path)
+        except SeqgenError as e:
+            refusal = str(e)
+    refusal = dist.broadcast(refusal)
+    if refusal:
+        raise SeqgenError(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def same_file(a: str, b: str) -> bool:

@@ -5,9 +5,14 @@ the same --out is refused before it reads or writes anything), starts with `chec
 `load_resume_run`: the run config saved in the checkpoint with the user's overrides applied, refusing the
 changes a checkpoint cannot take (its vocabulary, the shapes of its weights, and, unless allowed, its data:
 `data_fingerprint`). The Trainer then restores its own state (`Trainer.resume`).
+
+A new run with `train.init_from` (`--init-from MODEL`) starts from another model instead (`load_init_model`):
+its weights, vocabularies and architecture, with the Trainer's state fresh; a setting that would change the
+architecture or the vocabulary is refused, one line naming each.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -149,6 +154,11 @@ def check_resume_overrides(saved: dict, overrides: dict, path: str, *, vocab_key
     saved: the run config stored in the checkpoint; overrides: what the user gave now (YAML + flags).
     vocab_keys: data keys the vocabulary was built from; model_sections: config sections that shape the weights.
     """
+    init = overrides.get("train", {}).get("init_from")
+    if init is not None and init != saved.get("train", {}).get("init_from", ""):
+        raise SeqgenError(f"{path}: --init-from cannot change on --resume (the run already started from "
+                          f"{cut_repr(saved.get('train', {}).get('init_from') or 'scratch')}); drop --init-from to "
+                          f"continue it, or start a new run in another --out (nothing was changed)")
     data = overrides.get("data", {})
     changed = [k for k in vocab_keys if k in data and data[k] != saved.get("data", {}).get(k)]
     if changed:
@@ -160,6 +170,53 @@ def check_resume_overrides(saved: dict, overrides: dict, path: str, *, vocab_key
         if diff:
             raise SeqgenError(f"{path}: the {section} ({', '.join(diff)}) cannot change on --resume; "
                               f"start a new run in another --out (nothing was changed)")
+
+
+# Settings of a model section that change how it trains, not what its weights are: a warm start may set them anew.
+TRAINING_ONLY = frozenset({"dropout", "memory_dropout", "freeze", "finetune_from"})
+
+
+def load_init_model(run, overrides: dict | None, task: str, *, sections: dict[str, str], vocab_keys: tuple[str, ...]
+                    ) -> tuple[object, Seq2Seq]:
+    """For a new run with `run.train.init_from`: the run config with the model's architecture, and the model.
+
+    sections: run-config section -> the ModelConfig field it describes ({"decoder": "decoder", "encoder":
+    "text_encoder"}); the run's sections become the model's, with the training-only settings the user gave
+    (`TRAINING_ONLY`). Refuses, in one line, a model of another task, a list of models, and every setting the
+    user gave (YAML or flag) that differs from the model's architecture or would rebuild its vocabulary.
+    """
+    from seqgen.model import load_model
+    name = run.train.init_from
+    if "," in name:
+        raise SeqgenError(f"--init-from {cut_repr(name)}: one model starts a run (average several first: "
+                          f"seqgen average A B --out avg.pt)")
+    try:
+        model = load_model(name, task=task)
+    except SeqgenError as e:
+        raise SeqgenError(f"--init-from: {e}") from None
+    overrides = overrides or {}
+    replaced, differ = {}, []
+    for section, field_name in sections.items():
+        have = getattr(model.config, field_name)
+        given = overrides.get(section, {})
+        for key, value in given.items():
+            if key not in TRAINING_ONLY and value != getattr(have, key, value):
+                differ.append(f"{section}.{key} {cut_repr(value)} (the model's: {cut_repr(getattr(have, key))})")
+        keep = {k: v for k, v in given.items() if k in TRAINING_ONLY and hasattr(have, k)}
+        replaced[section] = dataclasses.replace(have, **keep)
+    data = overrides.get("data", {})
+    differ += [f"data.{k} (the vocabulary is the model's)" for k in vocab_keys if k in data and data[k] not in ("", None)
+               and not k.endswith("_spm")]
+    if differ:
+        raise SeqgenError(f"--init-from {cut_repr(name)}: a warm start keeps the model's architecture and "
+                          f"vocabulary, but these settings change them: {'; '.join(differ)}; drop them, or train "
+                          f"from scratch (nothing was written)")
+    # Rebuilt with the new training-only settings (a dropout module or a frozen block is made with them), then
+    # given the model's weights: every tensor, buffers included, so the two differ in nothing else.
+    config = dataclasses.replace(model.config, **{sections[s]: cfg for s, cfg in replaced.items()})
+    fresh = Seq2Seq(config, tgt=model.tgt, src=model.src)
+    fresh.load_state_dict(model.state_dict())
+    return dataclasses.replace(run, **replaced), fresh
 
 
 def load_resume_run(path: str, task: str, run_cls: type, overrides: dict | None, *, vocab_keys: tuple[str, ...],
@@ -185,5 +242,5 @@ def load_resume_run(path: str, task: str, run_cls: type, overrides: dict | None,
     return run, model
 
 
-__all__ = ["check_out_dir", "check_resume_overrides", "check_data_unchanged", "data_fingerprint", "holds_run_folder",
+__all__ = ["load_init_model", "check_out_dir", "check_resume_overrides", "check_data_unchanged", "data_fingerprint", "holds_run_folder",
            "load_resume_run"]

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from seqgen.atomic import atomic_write, remove_partial_writes
 from seqgen.checkpoint import load_checkpoint, payload_json, save_checkpoint
-from seqgen.config import Bounds, Count, Device, NonNegative, Positive, Rate, Seed, from_dict, to_dict, validate
+from seqgen.config import Bounds, Count, Device, Model, NonNegative, Positive, Rate, Seed, from_dict, to_dict, validate
 from seqgen.data.batch import Batch
 from seqgen.data.batching import shard_positions
 from seqgen.distributed import Distributed, setup
@@ -73,6 +73,8 @@ class TrainConfig:
     log_every:        log the training loss and speed every this many steps
     checkpoint_every: save last.pt every this many steps (and at every evaluation)
     keep_checkpoints: keep the weights of the last N validations as step-STEP.pt (for seqgen average); 0 = none
+    init_from:        start a new run from this model's weights and vocabularies (a checkpoint or a shipped name),
+                      with a fresh optimizer, schedule, step count and best score; its architecture is kept
     patience:         early stopping: evaluations without improvement before training stops; 0 = never
     max_bad_steps:    consecutive non-finite losses (skipped steps) before training stops
     accumulate:       batches per process per optimizer step (a step trains on processes x accumulate batches)
@@ -102,6 +104,7 @@ class TrainConfig:
     log_every: Positive = 50
     checkpoint_every: Positive = 500
     keep_checkpoints: Count = 0
+    init_from: Model = ""
     patience: Count = 0
     max_bad_steps: Positive = 5
     accumulate: Positive = 1

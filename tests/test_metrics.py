@@ -4,8 +4,8 @@ import math
 import pytest
 
 from seqgen.errors import SeqgenError
-from seqgen.metrics import (caption_bleu, caption_tokens, cider_d, cider_d_scores, corpus_bleu, corpus_chrf,
-                            corpus_scores, perplexity)
+from seqgen.metrics import (caption_bleu, caption_scores, caption_tokens, cider_d, cider_d_scores, corpus_bleu,
+                            corpus_chrf, corpus_scores, perplexity, rouge_l_scores)
 
 # Five images with 3, 5, 2, 4 and 1 references (already lowercase, no punctuation, so every tokenizer agrees).
 EXAMPLES = [
@@ -30,6 +30,9 @@ REFS = [r for _, r in EXAMPLES]
 COCO_CIDER_D = 3.3283443086915603
 COCO_CIDER_D_PER_IMAGE = [2.0626533597919594, 2.006437610121129, 0.4303218571198151, 2.1423087164248975, 10.0]
 COCO_BLEU_1_4 = [0.8467931547629644, 0.7616742899519582, 0.6374313705808947, 0.5493234538514636]
+# Same tool: pycocoevalcap.rouge.rouge.Rouge().compute_score() (beta 1.2) on EXAMPLES.
+COCO_ROUGE_L = 0.7809892997612626
+COCO_ROUGE_L_PER_IMAGE = [0.7587064676616916, 0.9242424242424241, 0.46329113924050636, 0.7587064676616916, 1.0]
 # Same tool: identical captions score 10 each, and a third image with one of two references matched 5.6999...
 COCO_IDENTICAL3 = [10.0, 10.0, 5.6999162455680406]
 
@@ -58,6 +61,17 @@ def test_caption_bleu_matches_coco_caption():
     for n, ref in enumerate(COCO_BLEU_1_4, 1):
         assert out[f"bleu{n}"] == pytest.approx(100 * ref, abs=1e-6)
     assert "nrefs:var" in out["signature"]
+
+
+def test_rouge_l_matches_coco_caption():
+    assert rouge_l_scores(HYPS, REFS) == pytest.approx(COCO_ROUGE_L_PER_IMAGE, abs=1e-12)
+    scores = caption_scores(HYPS, REFS)
+    assert scores["rouge_l"] == pytest.approx(COCO_ROUGE_L, abs=1e-12)
+    assert scores["cider"] == pytest.approx(COCO_CIDER_D, abs=1e-9)
+    assert [scores[f"bleu{n}"] for n in range(1, 5)] == pytest.approx([100 * b for b in COCO_BLEU_1_4], abs=1e-6)
+    # an empty caption, or one sharing no word with its references, scores 0 (coco-caption divides by zero)
+    assert rouge_l_scores(["", "zzz"], [["a dog"], ["a cat"]]) == [0.0, 0.0]
+    assert rouge_l_scores(["A Dog, running."], [["a dog running"]]) == [pytest.approx(1.0)]
 
 
 def test_caption_bleu_perfect_and_case_insensitive():

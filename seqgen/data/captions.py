@@ -166,6 +166,29 @@ def load_splits(d: CaptionDataConfig, seed: int) -> CaptionSplits:
     return splits
 
 
+def load_test_split(images: str, captions_path: str, split: str = "", *, allow_outside_images: bool = False
+                    ) -> tuple[list[str], dict[str, list[str]]]:
+    """The images to evaluate on and all their references: the names of `split` (a file of image names), or
+    every image of the captions file without one. One-line errors for a missing folder, a name without
+    captions, a name leading outside `images` and an image file that is not there, before any is decoded."""
+    if not os.path.isdir(images):
+        raise SeqgenError(f"{images}: no such folder (--images)")
+    raw = read_captions(captions_path)
+    captions = {name: [normalize_caption(c, False) for c in caps] for name, caps in raw.items()}
+    names = _split_names(split, captions, "evaluation") if split else list(captions)
+    if not names:
+        raise SeqgenError(f"{captions_path}: no captioned images")
+    splits = CaptionSplits(train=[], valid=names, captions=captions, images_dir=images)
+    if not allow_outside_images:
+        _refuse_names_outside(splits, names, split or captions_path)
+    missing = [n for n in names if not os.path.isfile(splits.path(n))]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise SeqgenError(f"{split or captions_path}: {len(missing)} image(s) to evaluate are not files in "
+                          f"--images {images} ({shown})")
+    return names, {n: captions[n] for n in names}
+
+
 def _targets(codec: TextCodec, captions: Iterable[str], max_len: int) -> tuple[list[list[int]], list[int]]:
     """`bos ... eos` ids of each caption no longer than max_len tokens, and the positions kept."""
     out, kept = [], []
@@ -308,5 +331,5 @@ def image_valid_batches(paths: Sequence[str], transform: Callable, batch_size: i
     return batches
 
 
-__all__ = ["CaptionDataConfig", "CaptionSplits", "CaptionExamples", "CachedCaptionBatches", "ImageCaptionBatches",
+__all__ = ["load_test_split", "CaptionDataConfig", "CaptionSplits", "CaptionExamples", "CachedCaptionBatches", "ImageCaptionBatches",
            "cached_valid_batches", "image_valid_batches", "load_splits", "normalize_caption"]

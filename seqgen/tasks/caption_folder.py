@@ -32,7 +32,7 @@ from seqgen.errors import SeqgenError, report_out_of_memory
 from seqgen.generation import GenerationConfig
 from seqgen.inference.captioning import Caption, caption_tensor, default_caption_gen, require_captioning
 from seqgen.log import Log, printable, to_stderr
-from seqgen.outputs import acquire_output_lock, refuse_overwriting_inputs
+from seqgen.outputs import output_lock, refuse_overwriting_inputs
 from seqgen.plots import image_attention_map, require_matplotlib
 from seqgen.tasks.caption_records import (CSV_HEADER, Resolved, batch_records, cell, find_parts, image_key, merge_parts,
                                           output_format, part_path, read_done, read_records, record_key)
@@ -135,26 +135,6 @@ def _refuse_writing_into_inputs(inputs: Sequence[str], recursive: bool, outputs:
 
 
 @contextmanager
-def _output_lock(out_path: str, dist: Distributed) -> Iterator[None]:
-    """Process 0 holds the lock of `out_path` (seqgen.outputs) for the block; when another seqgen holds it, every
-    process of this run raises the same one-line error before reading or writing anything."""
-    lock, refusal = None, None
-    if dist.is_main:
-        try:
-            lock = acquire_output_lock(out_path)
-        except SeqgenError as e:
-            refusal = str(e)
-    refusal = dist.broadcast(refusal)
-    if refusal:
-        raise SeqgenError(refusal)
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-@contextmanager
 def _appending(target: str, mode: str, out_path: str):
     """The captions file `target` opened for writing; a close that fails (a full disk: the last flush) is the same
     one-line error as a failed write, and never replaces the error that is already on its way."""
@@ -223,7 +203,7 @@ def caption_folder(model: Seq2Seq, inputs: Sequence[str], out_path: str, gen: Ge
             raise SeqgenError("this model has no attention (--attention none); there are no attention maps to draw")
     _refuse_writing_into_inputs(inputs, recursive, {"--out": out_path, "--skipped": skipped_path,
                                                     "--attention-png": attention_png_dir})
-    with _output_lock(out_path, dist):
+    with output_lock(out_path, dist):
         return _caption_locked(model, inputs, out_path, gen, fmt, batch_size=batch_size, num_workers=num_workers,
                                recursive=recursive, follow_symlinks=follow_symlinks, resume=resume,
                                attention_png_dir=attention_png_dir, skipped_path=skipped_path, progress=progress,

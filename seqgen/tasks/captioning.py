@@ -38,9 +38,9 @@ from seqgen.errors import SeqgenError
 from seqgen.generation import GenerationConfig
 from seqgen.inference.captioning import caption_tensor
 from seqgen.log import Log, main_process_log, warning
-from seqgen.metrics import caption_bleu, cider_d
+from seqgen.metrics import caption_scores
 from seqgen.model import ModelConfig, Seq2Seq
-from seqgen.runs import check_out_dir, data_fingerprint, holds_run_folder, load_resume_run
+from seqgen.runs import check_out_dir, data_fingerprint, holds_run_folder, load_init_model, load_resume_run
 from seqgen.tokenizers import TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 
@@ -85,21 +85,25 @@ def resolve_weights(cfg: CNNEncoderConfig) -> CNNEncoderConfig:
 def make_evaluate(names: Sequence[str], references: Sequence[Sequence[str]],
                   batches: Callable[[], Iterator[tuple[list[int], Tensor | EncoderOutput]]],
                   gen: GenerationConfig) -> Callable[[Seq2Seq], dict[str, float]]:
-    """Validation: caption every validation image with `gen`, then caption BLEU-1..4 and CIDEr-D (the
-    "cider" key) against all references of each image.
+    """Validation: caption every validation image with `gen`, then BLEU-1..4, ROUGE-L and CIDEr-D (the "cider"
+    key) against all references of each image (seqgen.metrics.caption_scores).
 
     batches(): yields (positions in `names`, images [B, 3, S, S] or cached features) for all of them.
     """
     def evaluate(model: Seq2Seq) -> dict[str, float]:
-        hyps = [""] * len(names)
-        for rows, source in batches():
-            for r, c in zip(rows, caption_tensor(model, source, gen)):
-                hyps[r] = c.text
-        bleu = caption_bleu(hyps, references)
-        metrics = {"cider": cider_d(hyps, references), **{f"bleu{n}": bleu[f"bleu{n}"] for n in range(1, 5)}}
-        return metrics
+        return caption_scores(caption_all(model, batches, len(names), gen), references)
 
     return evaluate
+
+
+def caption_all(model: Seq2Seq, batches: Callable[[], Iterator[tuple[list[int], Tensor | EncoderOutput]]], n: int,
+                gen: GenerationConfig) -> list[str]:
+    """The caption of each of the `n` images that `batches()` yields (positions, images or features), in order."""
+    hyps = [""] * n
+    for rows, source in batches():
+        for r, c in zip(rows, caption_tensor(model, source, gen)):
+            hyps[r] = c.text
+    return hyps
 
 
 # Changing any of these on --resume would change what the checkpoint's vocabulary means.
@@ -127,6 +131,10 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
     if resume_path:
         run, model = load_resume_run(resume_path, "captioning", CaptionRunConfig, overrides, vocab_keys=_VOCAB_KEYS,
                                      allow_data_change=allow_data_change)
+    elif run.train.init_from:
+        run, model = load_init_model(run, overrides, "captioning", vocab_keys=_VOCAB_KEYS,
+                                     sections={"encoder": "image_encoder", "decoder": "decoder"})
+        seed_everything(run.train.seed)
     d = run.data
     dist = setup(run.train.device)
     say = main_process_log(log, dist.is_main)
@@ -192,8 +200,9 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
                      f"{data.num_batches(0):,} batches per epoch), {len(valid_names):,} validation images; "
                      f"vocabulary {len(codec.vocab)} ({d.level}); backbone {model.config.image_encoder.backbone} "
                      f"({'frozen, cached features' if model.encoder.frozen else 'training'}); "
-                     f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained parameters")
+                     f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained parameters"
+                     + (f"; weights from {run.train.init_from}" if run.train.init_from else ""))
     return trainer.train()
 
 
-__all__ = ["CaptionRunConfig", "make_evaluate", "resolve_weights", "train_captioning"]
+__all__ = ["CaptionRunConfig", "caption_all", "make_evaluate", "resolve_weights", "train_captioning"]

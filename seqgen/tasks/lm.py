@@ -16,7 +16,7 @@ from seqgen.errors import SeqgenError
 from seqgen.log import Log
 from seqgen.metrics import perplexity
 from seqgen.model import ModelConfig, Seq2Seq
-from seqgen.runs import check_out_dir, data_fingerprint, holds_run_folder, load_resume_run
+from seqgen.runs import check_out_dir, data_fingerprint, holds_run_folder, load_init_model, load_resume_run
 from seqgen.tokenizers import TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 
@@ -98,6 +98,10 @@ def make_evaluate(valid_ids: torch.Tensor, seq_len: int, streams: int, bos: int,
     return evaluate
 
 
+# Changing any of these on --resume (or with --init-from) would change the vocabulary.
+_VOCAB_KEYS = ("level", "min_freq", "max_vocab", "vocab_size")
+
+
 @entry_point
 @holds_run_folder
 def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides: dict | None = None,
@@ -108,16 +112,22 @@ def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides:
     Under torchrun every process calls this (data parallelism, see seqgen/distributed.py)."""
     validate(run)
     resume_path = check_out_dir(out_dir, resume)
+    model = None
     if resume_path:
         run, model = load_resume_run(resume_path, "lm", LMRunConfig, overrides,
-                                     vocab_keys=("level", "min_freq", "max_vocab", "vocab_size"),
+                                     vocab_keys=_VOCAB_KEYS,
                                      model_sections=("decoder",), allow_data_change=allow_data_change)
         codec = model.tgt
-    elif not run.data.text:   # (a --resume of a run killed before its first checkpoint starts it anew)
+    elif run.train.init_from:
+        run, model = load_init_model(run, overrides, "lm", vocab_keys=_VOCAB_KEYS,
+                                     sections={"decoder": "decoder"})
+        codec = model.tgt
+        seed_everything(run.train.seed)
+    if not run.data.text:   # (a --resume of a run killed before its first checkpoint starts it anew)
         raise SeqgenError("--text is required: the UTF-8 text file to train on")
     text = read_text(run.data.text)
     train_text, valid_text = split_text(text, run.data.valid_fraction)
-    if not resume_path:
+    if model is None:
         codec = TextCodec.build(run.data.level, [train_text], min_freq=run.data.min_freq,
                                 max_size=run.data.max_vocab or None, vocab_size=run.data.vocab_size)
         seed_everything(run.train.seed)
@@ -134,5 +144,6 @@ def train_lm(run: LMRunConfig, out_dir: str, *, resume: bool = False, overrides:
     else:
         trainer.log(f"{run.data.text}: {len(train_ids):,} training and {len(valid_ids):,} validation "
                      f"tokens, vocabulary {len(codec.vocab)} ({run.data.level}); "
-                     f"{sum(p.numel() for p in model.parameters()):,} parameters")
+                     f"{sum(p.numel() for p in model.parameters()):,} parameters"
+                     + (f"; weights from {run.train.init_from}" if run.train.init_from else ""))
     return trainer.train()

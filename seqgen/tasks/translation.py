@@ -29,7 +29,7 @@ from seqgen.inference.translation import translate
 from seqgen.log import Log, main_process_log, quiet, warning
 from seqgen.metrics import corpus_scores, perplexity
 from seqgen.model import ModelConfig, Seq2Seq
-from seqgen.runs import check_out_dir, data_fingerprint, holds_run_folder, load_resume_run
+from seqgen.runs import check_out_dir, data_fingerprint, holds_run_folder, load_init_model, load_resume_run
 from seqgen.tokenizers import SubwordTokenizer, TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 from seqgen.vocab import SPECIALS, Vocab
@@ -229,6 +229,11 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
         run, model = load_resume_run(resume_path, "translation", TranslationRunConfig, overrides,
                                      vocab_keys=_VOCAB_KEYS, allow_data_change=allow_data_change)
         check_codecs_match(model, run.data, resume_path)
+    elif run.train.init_from:
+        run, model = load_init_model(run, overrides, "translation", vocab_keys=_VOCAB_KEYS,
+                                     sections={"encoder": "text_encoder", "decoder": "decoder"})
+        check_codecs_match(model, run.data, run.train.init_from)
+        seed_everything(run.train.seed)
     d = run.data
 
     corpus, train_name = read_corpus(d.src_train, d.tgt_train, d.train_tsv, what="training")
@@ -267,7 +272,9 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
                  else f"vocabularies {len(src_codec.vocab)} / {len(tgt_codec.vocab)}")
         trainer.log(f"{train_name}: {len(data.src):,} pairs ({n_src:,} source / {n_tgt:,} target tokens), "
                      f"{data.num_batches(0):,} batches per epoch; {valid_name}: {len(valid):,} pairs; {vocab} "
-                     f"({d.level}); {sum(p.numel() for p in model.parameters()):,} parameters")
+                     f"({'from the model' if run.train.init_from else d.level}); "
+                     f"{sum(p.numel() for p in model.parameters()):,} parameters"
+                     + (f"; weights from {run.train.init_from}" if run.train.init_from else ""))
     return trainer.train()
 
 
