@@ -181,8 +181,8 @@ def load_init_model(run, overrides: dict | None, task: str, *, sections: dict[st
     """For a new run with `run.train.init_from`: the run config with the model's architecture, and the model.
 
     sections: run-config section -> the ModelConfig field it describes ({"decoder": "decoder", "encoder":
-    "text_encoder"}); the run's sections become the model's, with the training-only settings the user gave
-    (`TRAINING_ONLY`). Refuses, in one line, a model of another task, a list of models, and every setting the
+    "text_encoder"}); the run's sections become the model's, with the run's own training-only settings
+    (`TRAINING_ONLY`: dropout, freezing): the architecture is the model's, how it trains the run's. Refuses, in one line, a model of another task, a list of models, and every setting the
     user gave (YAML or flag) that differs from the model's architecture or would rebuild its vocabulary.
     """
     from seqgen.model import load_model
@@ -202,7 +202,8 @@ def load_init_model(run, overrides: dict | None, task: str, *, sections: dict[st
         for key, value in given.items():
             if key not in TRAINING_ONLY and value != getattr(have, key, value):
                 differ.append(f"{section}.{key} {cut_repr(value)} (the model's: {cut_repr(getattr(have, key))})")
-        keep = {k: v for k, v in given.items() if k in TRAINING_ONLY and hasattr(have, k)}
+        ours = getattr(run, section)
+        keep = {k: getattr(ours, k) for k in TRAINING_ONLY if hasattr(have, k) and hasattr(ours, k)}
         replaced[section] = dataclasses.replace(have, **keep)
     data = overrides.get("data", {})
     differ += [f"data.{k} (the vocabulary is the model's)" for k in vocab_keys if k in data and data[k] not in ("", None)

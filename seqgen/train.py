@@ -453,6 +453,20 @@ class Trainer:
                 setattr(self.state, key, value)
         return stop
 
+    def _objective_stop(self) -> bool:
+        """Whether the training objective asks to stop (its `stop_reason()`, e.g. a self-critical collapse), as
+        process 0 sees it, shared with every process; logged once."""
+        ask = getattr(self._objective, "stop_reason", None)
+        if ask is None:
+            return False
+        reason = ask() if self.dist.is_main else None
+        if self.dist.world > 1:
+            reason = self.dist.broadcast(reason)
+        if reason:
+            self.log(f"step {self.state.step}: training stopped: {reason}")
+            self._write_metrics({"step": self.state.step, "stopped": reason})
+        return bool(reason)
+
     def _batch_advice(self, key: str) -> str:
         """What to lower after running out of memory: the run config's `data.<key>` (or its token budget)."""
         data = self.run_config.get("data", {})
@@ -544,7 +558,7 @@ class Trainer:
         per_step = dist.world * cfg.accumulate          # batches of the global list per optimizer step
         window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
         self._mark = time.perf_counter()
-        bad_steps, stop = 0, st.step >= cfg.max_steps
+        bad_steps, stop, halt = 0, st.step >= cfg.max_steps, False
         while not stop and st.epoch < cfg.max_epochs:
             n_batches = self._batches_per_epoch = self.data.num_batches(st.epoch)
             mine = shard_positions(n_batches, dist.rank, dist.world, start=st.batch_in_epoch, group=per_step)
@@ -586,8 +600,9 @@ class Trainer:
                               + "".join(f" | {k} {v:.4g}" for k, v in extra.items()))
                     self._write_metrics({**rec, **extra})
                     window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
+                    halt = self._objective_stop()
                 out_of_time = cfg.time_budget > 0 and st.train_seconds >= cfg.time_budget * 60
-                stop = st.step >= cfg.max_steps or out_of_time
+                stop = st.step >= cfg.max_steps or out_of_time or halt
                 if st.step % cfg.eval_every == 0 or stop:
                     stop = self._eval_and_share() or stop
                     window_start = self._mark = time.perf_counter()   # evaluation is not training time

@@ -238,6 +238,30 @@ class CachedCaptionBatches:
             yield Batch(target=target, source=source, index=torch.as_tensor(idx, dtype=torch.long))
 
 
+class CachedImageBatches:
+    """Training batches of whole images over cached features, for objectives that score an image's captions
+    against all its references (self-critical training); a `BatchSource`, deterministic for (seed, epoch).
+
+    Each batch: source = the features of `batch_size` images, index = their positions in `rows` (what the
+    objective looks their references up by), target = [B, 2] `bos eos` rows, so that the Trainer counts one
+    "token" per image.
+    """
+
+    def __init__(self, cache: FeatureCache, rows: Sequence[int], *, bos: int, eos: int, batch_size: int, seed: int):
+        self.cache, self.rows, self.bos, self.eos = cache, list(rows), bos, eos
+        self.sampler = BucketBatchSampler([1] * len(self.rows), batch_size=batch_size, shuffle=True, seed=seed)
+
+    def num_batches(self, epoch: int) -> int:
+        return len(self.sampler.batches(epoch))
+
+    def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1) -> Iterator[Batch]:
+        """Batches [start:stop:step] of the epoch's list (a process's share under data parallelism)."""
+        for idx in self.sampler.batches(epoch)[start:stop:step]:
+            target = torch.tensor([[self.bos, self.eos]] * len(idx), dtype=torch.long)
+            yield Batch(target=target, source=self.cache.get_rows([self.rows[i] for i in idx]),
+                        index=torch.as_tensor(idx, dtype=torch.long))
+
+
 class _CaptionImageDataset(torch.utils.data.Dataset):
     """example index -> (index, image tensor | None, reason | None, target ids): errors are data."""
 
@@ -331,5 +355,6 @@ def image_valid_batches(paths: Sequence[str], transform: Callable, batch_size: i
     return batches
 
 
-__all__ = ["load_test_split", "CaptionDataConfig", "CaptionSplits", "CaptionExamples", "CachedCaptionBatches", "ImageCaptionBatches",
+__all__ = ["load_test_split", "CaptionDataConfig", "CaptionSplits", "CaptionExamples", "CachedCaptionBatches",
+           "CachedImageBatches", "ImageCaptionBatches",
            "cached_valid_batches", "image_valid_batches", "load_splits", "normalize_caption"]

@@ -9,8 +9,9 @@ the baseline and lowers the others:
     loss = - sum_i (r_i - b_i) * sum_t log p(w_i,t | w_i,<t, image) / sum_i len_i
 
 It is a training objective the captioning task hands to the Trainer (`Trainer(objective=...)`): a module
-whose forward takes a `Batch` (cached image features; `index` = image rows) and returns the scalar loss.
-`stats()` returns the mean reward, baseline and sample length since its last call, for the training log.
+whose forward takes a `Batch` (cached image features; `index` = image rows, `data.captions.CachedImageBatches`)
+and returns the scalar loss. `stats()` returns the mean reward, baseline and sample length since its last call,
+for the training log; `stop_reason()` says when those show a collapse (the Trainer then stops).
 """
 from __future__ import annotations
 
@@ -33,11 +34,22 @@ from seqgen.data.batching import pad_sequences
 
 @dataclass
 class SCSTConfig:
-    scst: bool = False               # fine-tune with self-critical training on CIDEr-D (needs --init-from)
-    scst_samples: Positive = 5       # captions sampled per image
-    scst_baseline: Literal["mean", "greedy"] = "mean"   # baseline: the image's other samples, or its greedy caption
-    scst_max_len: Tokens = 20        # longest sampled caption (tokens)
-    scst_temperature: Annotated[float, Bounds(0.0, low_open=True)] = 1.0    # sampling temperature
+    """Self-critical fine-tuning of a captioner (`seqgen train captioning --init-from MODEL --scst`).
+
+    scst:             fine-tune a trained captioner with self-critical training on CIDEr-D (needs --init-from
+                      and a frozen backbone: it trains on cached features)
+    scst_samples:     captions sampled per image at each step
+    scst_baseline:    what a sample's reward is compared with: the mean of the image's other samples, or the
+                      reward of its greedy caption
+    scst_max_len:     longest sampled caption, in tokens
+    scst_temperature: the sampling temperature
+    """
+
+    scst: bool = False
+    scst_samples: Positive = 5
+    scst_baseline: Literal["mean", "greedy"] = "mean"
+    scst_max_len: Tokens = 20
+    scst_temperature: Annotated[float, Bounds(0.0, low_open=True)] = 1.0
 
     def validate(self) -> None:
         """Every field within its bounds, and the rules between them (seqgen.config.validate)."""
@@ -47,6 +59,13 @@ class SCSTConfig:
         if self.scst_baseline == "mean" and self.scst_samples < 2:
             raise ConfigValueError(("scst_samples",), f"must be >= 2 with the mean baseline (>= 1 with greedy), "
                                                       f"got {self.scst_samples}")
+
+
+# Collapse: SCST can drive a captioner to degenerate captions (empty, or a few words that game the reward's
+# n-grams); the training stops when a log window's mean sampled length falls under MIN_SAMPLE_LEN tokens or its
+# mean reward under COLLAPSE_FRACTION of the first window's. best.pt keeps the last good validation.
+MIN_SAMPLE_LEN = 2.0
+COLLAPSE_FRACTION = 0.25
 
 
 class SelfCritical(nn.Module):
@@ -63,6 +82,8 @@ class SelfCritical(nn.Module):
         self.greedy_gen = GenerationConfig(max_len=cfg.scst_max_len, amp=amp)
         self._sums = {"reward": 0.0, "baseline": 0.0, "sample_len": 0.0}
         self._count = 0
+        self._first_reward: float | None = None
+        self._stop: str | None = None
 
     def _rewards(self, texts: list[str], rows: list[int]) -> list[float]:
         out = []
@@ -109,10 +130,23 @@ class SelfCritical(nn.Module):
         return loss
 
     def stats(self) -> dict[str, float]:
-        """Mean reward, baseline and sampled length per step since the last call (then reset)."""
+        """Mean reward, baseline and sampled length per step since the last call (then reset); the window is
+        also what `stop_reason` judges."""
         if not self._count:
             return {}
         out = {k: v / self._count for k, v in self._sums.items()}
         self._sums = dict.fromkeys(self._sums, 0.0)
         self._count = 0
+        if self._first_reward is None:
+            self._first_reward = out["reward"]
+        if out["sample_len"] < MIN_SAMPLE_LEN:
+            self._stop = (f"self-critical training collapsed: sampled captions average {out['sample_len']:.2f} "
+                          f"tokens")
+        elif self._first_reward > 0 and out["reward"] < COLLAPSE_FRACTION * self._first_reward:
+            self._stop = (f"self-critical training collapsed: the mean reward fell from {self._first_reward:.3f} "
+                          f"to {out['reward']:.3f}")
         return out
+
+    def stop_reason(self) -> str | None:
+        """Why training should stop (a collapse seen by the last `stats` window), or None."""
+        return self._stop

@@ -26,7 +26,8 @@ from typing import Callable, Iterator, Sequence
 from torch import Tensor
 
 from seqgen.config import to_dict, validate
-from seqgen.data.captions import (CachedCaptionBatches, CaptionDataConfig, CaptionExamples, ImageCaptionBatches,
+from seqgen.data.captions import (CachedCaptionBatches, CachedImageBatches, CaptionDataConfig, CaptionExamples,
+                                  ImageCaptionBatches,
                                   cached_valid_batches, image_valid_batches, load_splits)
 from seqgen.data.features import FeatureCache
 from seqgen.data.images import default_num_workers
@@ -40,6 +41,7 @@ from seqgen.inference.captioning import caption_tensor
 from seqgen.log import Log, main_process_log, warning
 from seqgen.metrics import caption_scores
 from seqgen.model import ModelConfig, Seq2Seq
+from seqgen.objectives.scst import SCSTConfig, SelfCritical
 from seqgen.runs import check_out_dir, data_fingerprint, holds_run_folder, load_init_model, load_resume_run
 from seqgen.tokenizers import TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
@@ -67,6 +69,7 @@ class CaptionRunConfig:
         lr=1e-3, warmup_steps=200, schedule="cosine", label_smoothing=0.1, ema=0.999, max_steps=20000,
         max_epochs=4, eval_every=500, checkpoint_every=500, patience=5))
     eval: GenerationConfig = field(default_factory=lambda: GenerationConfig(beam=1, max_len=30))
+    scst: SCSTConfig = field(default_factory=SCSTConfig)
 
 
 def resolve_weights(cfg: CNNEncoderConfig) -> CNNEncoderConfig:
@@ -127,6 +130,9 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
     """
     validate(run)
     resume_path = check_out_dir(out_dir, resume)
+    if run.scst.scst and not resume_path and not run.train.init_from:
+        raise SeqgenError("--scst fine-tunes a trained captioner: give the model to start from with --init-from "
+                          "MODEL (a checkpoint or a shipped name)")
     model: Seq2Seq | None = None
     if resume_path:
         run, model = load_resume_run(resume_path, "captioning", CaptionRunConfig, overrides, vocab_keys=_VOCAB_KEYS,
@@ -136,6 +142,9 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
                                      sections={"encoder": "image_encoder", "decoder": "decoder"})
         seed_everything(run.train.seed)
     d = run.data
+    if run.scst.scst and not run.encoder.freeze:
+        raise SeqgenError("--scst trains on cached image features: it needs a frozen backbone (drop --freeze false "
+                          "and --finetune-from)")
     dist = setup(run.train.device)
     say = main_process_log(log, dist.is_main)
     splits = load_splits(d, run.train.seed)
@@ -180,8 +189,12 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
                     batch_size=64, num_workers=workers, device=device,
                     progress=run.train.progress and dist.is_main, dtype=d.cache_dtype)
             say(f"{what} features: {len(names):,} images in {cache_dir}/{what} ({time.perf_counter() - t0:.1f}s)")
-        data = CachedCaptionBatches(caches["train"], caches["train"].rows(splits.train), examples, pad=pad,
-                                    batch_size=d.batch_size, seed=run.train.seed)
+        if run.scst.scst:   # whole images, each scored against all its references
+            data = CachedImageBatches(caches["train"], caches["train"].rows(splits.train), bos=codec.vocab.bos,
+                                      eos=codec.vocab.eos, batch_size=d.batch_size, seed=run.train.seed)
+        else:
+            data = CachedCaptionBatches(caches["train"], caches["train"].rows(splits.train), examples, pad=pad,
+                                        batch_size=d.batch_size, seed=run.train.seed)
         valid_batches = cached_valid_batches(caches["valid"], caches["valid"].rows(valid_names), d.valid_batch_size)
     else:
         data = ImageCaptionBatches([splits.path(n) for n in splits.train], examples, transform, pad=pad,
@@ -191,13 +204,18 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
                                             workers)
 
     evaluate = make_evaluate(valid_names, references, valid_batches, run.eval)
+    objective = (SelfCritical(model, [splits.captions[n] for n in splits.train], run.scst, amp=run.train.amp)
+                 if run.scst.scst else None)
     trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="cider", mode="max",
-                      run_config=to_dict(run), log=log, dist=dist, data_fingerprint=data_fingerprint(d))
+                      run_config=to_dict(run), log=log, dist=dist, data_fingerprint=data_fingerprint(d),
+                      objective=objective)
     if resume_path:
         trainer.resume(resume_path)
     else:
         trainer.log(f"{d.captions}: {len(splits.train):,} training images ({len(examples):,} captions, "
-                     f"{data.num_batches(0):,} batches per epoch), {len(valid_names):,} validation images; "
+                     f"{data.num_batches(0):,} batches per epoch"
+                     f"{'; self-critical: whole images, ' + str(run.scst.scst_samples) + ' samples each' if objective else ''}"
+                     f"), {len(valid_names):,} validation images; "
                      f"vocabulary {len(codec.vocab)} ({d.level}); backbone {model.config.image_encoder.backbone} "
                      f"({'frozen, cached features' if model.encoder.frozen else 'training'}); "
                      f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained parameters"
