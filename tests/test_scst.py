@@ -94,3 +94,21 @@ def test_scst_resumes_and_refuses_what_it_cannot_train(xe, tmp_path):
     proc = run_cli("train", "translation", "--src-train", "x", "--out", tmp_path / "t", "--scst", check=False)
     assert proc.returncode == 2 and "--scst" in proc.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_the_gradient_pass_scores_the_policy_that_sampled(xe):
+    """Both passes run without dropout (a thinned network in the second would score other captions' odds), and
+    the model's training mode is restored for the Trainer."""
+    import torch
+    from seqgen.data.batch import Batch
+    from test_captioning import SIZE
+    model = load_model(str(xe / "xe" / "best.pt"), task="captioning")
+    objective = SelfCritical(model, [["a red circle"], ["a blue square"]], SCSTConfig(scst=True, scst_max_len=6))
+    modes = []
+    model.decoder.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    model.train()
+    with torch.no_grad():
+        feats = model.encode(torch.rand(2, 3, SIZE, SIZE))
+    loss = objective(Batch(target=torch.zeros(2, 2, dtype=torch.long), source=feats, index=torch.tensor([0, 1])))
+    assert loss.requires_grad and modes and not any(modes)
+    assert model.training

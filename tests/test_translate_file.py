@@ -193,3 +193,16 @@ def test_torchrun_translates_a_file_in_shards_and_merges_in_input_order(tiny_mod
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.read_bytes() == ref.read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["in.de", "out.en", "ref.en"]     # no part files, no sidecar
+
+
+def test_torchrun_translate_needs_an_input_file_and_an_output_file(tiny_models, tmp_path, monkeypatch, capsys):
+    """Under torchrun every process would read stdin or write stdout: refused in one line before any work."""
+    import seqgen.distributed
+    from seqgen.cli import main
+    monkeypatch.setattr(seqgen.distributed, "setup", lambda device: seqgen.distributed.Distributed(rank=0, world=2))
+    src = write_input(tmp_path / "in.de", sentences(3))
+    for argv in ([str(src)], [str(src), "--out", "-"], ["-", "--out", str(tmp_path / "o.en")]):
+        assert main(["translate", str(tiny_models / "mt.pt"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "under torchrun, seqgen translate shares an input file" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["in.de"]

@@ -94,9 +94,20 @@ class SelfCritical(nn.Module):
         return out
 
     def forward(self, batch: Batch) -> Tensor:
-        model, k = self.model, self.cfg.scst_samples
         if batch.index is None:
             raise SeqgenError("self-critical training needs batches that name their images (Batch.index)")
+        # Without dropout in both passes: the log-probabilities that get the gradient must be those of the policy
+        # that drew the samples (with dropout on in the second pass only, the rewards would credit captions to a
+        # different, randomly thinned network, and greedy validation falls while the sampled reward rises).
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._loss(batch)
+        finally:
+            self.model.train(was_training)
+
+    def _loss(self, batch: Batch) -> Tensor:
+        model, k = self.model, self.cfg.scst_samples
         rows = batch.index.tolist()
         enc = model.encode(batch.source, batch.source_lengths)
         expand = torch.arange(len(rows), device=batch.target.device).repeat_interleave(k)
@@ -112,7 +123,6 @@ class SelfCritical(nn.Module):
             else:
                 greedy = [model.tgt.decode(h[0].tokens).strip() for h in model.generate(enc, gen=self.greedy_gen)]
                 baseline = torch.tensor(self._rewards(greedy, rows), dtype=torch.float32).unsqueeze(1).expand(-1, k)
-        model.train()                                    # generate() left eval mode on; the gradient pass drops out
         vocab = model.tgt.vocab
         ended = [t + [vocab.eos] if len(t) < self.cfg.scst_max_len else t for t in tokens]
         target, _ = pad_sequences([[vocab.bos] + t for t in ended], vocab.pad)
