@@ -296,3 +296,38 @@ def test_char_and_word_vocabularies_counted_on_all_cores_equal_the_in_memory_one
         assert fit_codecs(d, sources, str(tmp_path / f"p-{level}"), log=lambda m: None) == build_codecs(d, corpus)
     s, t, stats = count_tokens(sources, "word", workers=2)
     assert stats[:2] == [120, 2] and sum(s.values()) > 0
+
+
+# -- the commands --------------------------------------------------------------------------------------------
+def test_prepare_then_train_and_resume_reuse_the_cache(tmp_path, capsys):
+    import dataclasses
+
+    from seqgen.cli import main
+    from seqgen.decoders.rnn import DecoderConfig
+    from seqgen.encoders.rnn import RNNEncoderConfig
+    from seqgen.generation import GenerationConfig
+    from seqgen.tasks.translation import TranslationRunConfig, train_translation
+    from seqgen.train import TrainConfig
+    sources = make_corpus(tmp_path, n=200)
+    prep_dir = str(tmp_path / "prep")
+    args = ["--src-train", sources.src, "--tgt-train", sources.tgt, "--level", "word", "--prepared-dir", prep_dir]
+    assert main(["prepare", "translation", *args]) == 0
+    assert "prepared: 198 pairs in " in capsys.readouterr().out
+    data = TranslationDataConfig(src_train=sources.src, tgt_train=sources.tgt, src_valid=sources.src,
+                                 tgt_valid=sources.tgt, level="word", prepared_dir=prep_dir)
+    run = TranslationRunConfig(
+        data=data, encoder=RNNEncoderConfig(cell="gru", emb=8, hidden=8, dropout=0.0),
+        decoder=DecoderConfig(cell="gru", emb=8, hidden=8, attention="luong", dropout=0.0),
+        train=TrainConfig(max_steps=2, eval_every=2, checkpoint_every=2, seed=1, device="cpu", progress=False),
+        eval=GenerationConfig(beam=1, max_len=5))
+    messages = []
+    train_translation(run, str(tmp_path / "run"), log=messages.append)
+    assert any("198 pairs" in m for m in messages) and not any("tokenized" in m or "sentencepiece" in m
+                                                                for m in messages), messages
+    messages.clear()
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, max_steps=3))
+    state = train_translation(run, str(tmp_path / "run"), resume=True, overrides={"train": {"max_steps": 3}},
+                              log=messages.append)
+    assert state.step == 3 and not any("tokenized" in m for m in messages), messages
+    assert main(["prepare", "translation", "--src-train", sources.src, "--tgt-train", sources.tgt]) == 2
+    assert "--prepared-dir is required" in capsys.readouterr().err

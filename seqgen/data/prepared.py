@@ -88,8 +88,11 @@ class PreparedPairs:
 
 
 def _sha256(path: str) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def open_prepared(folder: str, key: str) -> PreparedPairs:

@@ -253,6 +253,22 @@ def prepared_batches(prepared: PreparedPairs, src_codec: TextCodec, tgt_codec: T
                            batch_size=data.batch_size, seed=seed, src_eos=True)
 
 
+def prepare_translation(data: TranslationDataConfig, *, log: Log | None = None) -> PreparedPairs:
+    """`seqgen prepare translation`: fit the vocabulary and tokenize the training pairs into
+    `data.prepared_dir` ahead of training (a run given the same --prepared-dir and files starts at once)."""
+    validate(data)
+    say = main_process_log(log, True)
+    if not data.prepared_dir:
+        raise SeqgenError("--prepared-dir is required: the folder to prepare the data in (then pass the same "
+                          "--prepared-dir to seqgen train translation)")
+    sources = corpus_sources(data.src_train, data.tgt_train, data.train_tsv, what="training")
+    src, tgt = fit_codecs(data, sources, data.prepared_dir, log=say)
+    prepared = prepare_pairs(sources, src, tgt, data.prepared_dir, workers=data.prepare_workers or None, log=say)
+    if prepared.skipped_empty:
+        say(warning(f"{sources.name}: skipped {prepared.skipped_empty} pair(s) with an empty line on either side"))
+    return prepared
+
+
 # -- training -----------------------------------------------------------------------------------------
 def make_evaluate(valid: ParallelCorpus, gen: GenerationConfig,
                   batch_size: int) -> Callable[[Seq2Seq], dict[str, float]]:
@@ -356,4 +372,4 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
 
 __all__ = ["TranslationDataConfig", "TranslationRunConfig", "train_translation", "read_corpus", "corpus_sources",
            "build_codecs", "fit_codecs", "check_codecs_match", "encode_source", "training_batches",
-           "prepared_batches", "make_evaluate"]
+           "prepared_batches", "prepare_translation", "make_evaluate"]
