@@ -165,14 +165,27 @@ def map_chunks(sources: Sources, job: dict[str, Any], *, workers: int | None = N
             yield pending.popleft().get()
 
 
+def check_pairs(sources: Sources, stats: list[int]) -> None:
+    """SeqgenError when a file has no text ("file is empty", as read_lines says it) or no pair is left after
+    skipping those with an empty side; stats: [lines, skipped pairs, source lines with text, target lines with
+    text] of the whole corpus."""
+    lines, skipped, with_text = stats[0], stats[1], stats[2:]
+    if sources.tsv and not any(with_text) or not sources.tsv and not all(with_text):
+        path = sources.tsv or (sources.src if not with_text[0] else sources.tgt)
+        raise SeqgenError(f"{path}: file is empty" + (" (only whitespace)" if os.path.getsize(path) else ""))
+    if lines == skipped:
+        raise SeqgenError(f"{sources.name}: no sentence pairs left after skipping empty lines")
+
+
 def count_tokens(sources: Sources, level: str, *, workers: int | None = None) -> tuple[Counter, Counter, list[int]]:
     """Token counts of the kept source and target sentences at a char/word `level`, and the corpus stats
-    [lines, skipped pairs, source lines with text, target lines with text]."""
+    [lines, skipped pairs, source lines with text, target lines with text]; SeqgenError as `check_pairs`."""
     src, tgt, stats = Counter(), Counter(), [0, 0, 0, 0]
     for part_stats, s, t in map_chunks(sources, {"kind": "count", "level": level}, workers=workers):
         src.update(s)
         tgt.update(t)
         stats = [a + b for a, b in zip(stats, part_stats)]
+    check_pairs(sources, stats)
     return src, tgt, stats
 
 
@@ -189,19 +202,23 @@ def count_lines(path: str) -> int:
 def sample_pairs(sources: Sources, size: int, *, seed: int = 0) -> tuple[list[str], list[str], int]:
     """At most `size` line pairs chosen at random (seeded; all of them, in file order, when the corpus has no
     more or `size` is 0), stripped, those with an empty side left out; and the number of lines they were
-    chosen from."""
+    chosen from. When the sample is the whole corpus, SeqgenError as `check_pairs` for a corpus without pairs."""
     n = count_lines(sources.paths[0])
     chosen = None
     if size and n > size:
         chosen = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
     src: list[str] = []
     tgt: list[str] = []
+    stats = [0, 0, 0, 0]
     for first, parts in read_chunks(sources):
         if chosen is not None:
             lo, hi = np.searchsorted(chosen, [first - 1, first - 1 + CHUNK_LINES])
             if lo == hi:
                 continue
-        s, t, _ = chunk_pairs(sources, first, parts, None if chosen is None else chosen[lo:hi] - (first - 1))
+        s, t, part_stats = chunk_pairs(sources, first, parts, None if chosen is None else chosen[lo:hi] - (first - 1))
         src += s
         tgt += t
+        stats = [a + b for a, b in zip(stats, part_stats)]
+    if chosen is None:
+        check_pairs(sources, stats)
     return src, tgt, n

@@ -32,7 +32,7 @@ import torch
 import numpy as np
 
 from seqgen.atomic import atomic_write, fsync_dir
-from seqgen.data.line_chunks import Sources, default_workers, map_chunks
+from seqgen.data.line_chunks import Sources, check_pairs, default_workers, map_chunks
 from seqgen.data.text import file_digest
 from seqgen.data.token_lists import TokenLists
 from seqgen.errors import SeqgenError
@@ -176,10 +176,8 @@ def _write_arrays(tmp: str, sources: Sources, src: TextCodec, tgt: TextCodec, wo
     finally:
         for f in files.values():
             f.close()
-    lines, skipped, with_text = stats[0], stats[1], stats[2:]
-    if sources.tsv and not any(with_text) or not sources.tsv and not all(with_text):
-        path = sources.tsv or (sources.src if not with_text[0] else sources.tgt)
-        raise SeqgenError(f"{path}: file is empty" + (" (only whitespace)" if os.path.getsize(path) else ""))
+    check_pairs(sources, stats)
+    lines, skipped = stats[0], stats[1]
     return {"lines": lines, "pairs": lines - skipped, "skipped": skipped, "dtype": np.dtype(dtype).name,
             "tokens": totals, "files": {name: [os.path.getsize(os.path.join(tmp, name)), hashes[name].hexdigest()]
                                         for name in files}}

@@ -14,6 +14,7 @@ scores it with sacreBLEU (cased, 13a), which picks the best checkpoint and drive
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Callable, Literal
@@ -332,17 +333,24 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
     valid, valid_name = read_corpus(d.src_valid, d.tgt_valid, d.valid_tsv, what="validation")
     dist = setup(run.train.device)
     prepared_dir = d.prepared_dir or os.path.join(out_dir, "prepared")
-    workers = d.prepare_workers or None
-    with dist.main_first():     # process 0 fits and tokenizes; the others open what it wrote
-        if model is None:
-            src_codec, tgt_codec = fit_codecs(d, sources, prepared_dir, log=say)
-            seed_everything(run.train.seed)
-            try:
-                model = Seq2Seq(ModelConfig(task="translation", decoder=run.decoder, text_encoder=run.encoder),
-                                tgt=tgt_codec, src=src_codec)
-            except ValueError as e:
-                raise SeqgenError(f"model config: {e}") from None
-        prepared = prepare_pairs(sources, model.src, model.tgt, prepared_dir, workers=workers, log=say)
+    # a new run's own OUT/prepared goes again when the run fails before training: a rejected run writes nothing
+    own = not d.prepared_dir and not os.path.exists(prepared_dir) and dist.is_main
+    try:
+        with dist.main_first():     # process 0 fits and tokenizes; the others open what it wrote
+            if model is None:
+                src_codec, tgt_codec = fit_codecs(d, sources, prepared_dir, log=say)
+                seed_everything(run.train.seed)
+                try:
+                    model = Seq2Seq(ModelConfig(task="translation", decoder=run.decoder, text_encoder=run.encoder),
+                                    tgt=tgt_codec, src=src_codec)
+                except ValueError as e:
+                    raise SeqgenError(f"model config: {e}") from None
+            prepared = prepare_pairs(sources, model.src, model.tgt, prepared_dir, workers=d.prepare_workers or None,
+                                     log=say)
+    except BaseException:
+        if own:
+            shutil.rmtree(prepared_dir, ignore_errors=True)
+        raise
     for name, skipped in ((train_name, prepared.skipped_empty), (valid_name, valid.skipped_empty)):
         if skipped:
             say(warning(f"{name}: skipped {skipped} pair(s) with an empty line on either side"))
