@@ -317,7 +317,7 @@ def test_prepare_then_train_and_resume_reuse_the_cache(tmp_path, capsys):
                                  tgt_valid=sources.tgt, level="word", prepared_dir=prep_dir)
     run = TranslationRunConfig(
         data=data, encoder=RNNEncoderConfig(cell="gru", emb=8, hidden=8, dropout=0.0),
-        decoder=DecoderConfig(cell="gru", emb=8, hidden=8, attention="luong_dot", dropout=0.0),
+        decoder=DecoderConfig(cell="gru", emb=8, hidden=8, attention="luong_general", dropout=0.0),
         train=TrainConfig(max_steps=2, eval_every=2, checkpoint_every=2, seed=1, device="cpu", progress=False),
         eval=GenerationConfig(beam=1, max_len=5))
     messages = []

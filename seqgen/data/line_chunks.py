@@ -65,6 +65,8 @@ def read_chunks(sources: Sources) -> Iterator[tuple[int, list[bytes]]]:
             parts = [list(islice(f, CHUNK_LINES)) for f in files]
             counts = [len(p) for p in parts]
             if len(set(counts)) > 1:
+                for path, part in zip(sources.paths, parts):     # a file that is not text says so first
+                    _lines(b"".join(part), path, first)
                 totals = [first - 1 + c + sum(1 for _ in f) for c, f in zip(counts, files)]
                 raise SeqgenError(f"{sources.src} has {totals[0]} lines but {sources.tgt} has {totals[1]} "
                                   f"— the files must be aligned line by line")
