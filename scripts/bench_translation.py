@@ -120,9 +120,9 @@ def run_speed(args, name: str, enc: RNNEncoderConfig, dec: DecoderConfig, codecs
     speeds = speeds[1:] or speeds                         # the first window includes warm-up
     if not speeds:
         raise SeqgenError(f"{name}: fewer than 5 steps in {args.speed_seconds:g}s; raise --speed-seconds")
-    n_src = sum(len(s) for s in data.src)
-    n_tgt = sum(len(t) - 1 for t in data.tgt)
-    attended = sum((len(t) - 1) * len(s) for s, t in zip(data.src, data.tgt)) / n_tgt
+    n_src = int(data.src_lengths.sum())
+    n_tgt = int((data.tgt_lengths + 1).sum())          # target positions: the tokens and <eos>
+    attended = int(((data.tgt_lengths + 1) * data.src_lengths).sum()) / n_tgt
     flops = forward_flops(enc, dec, len(tgt_codec.vocab), n_src / n_tgt, attended)
     return {"name": name, "tokens_per_s": sorted(speeds)[len(speeds) // 2], "steps": state.step,
             "params": sum(p.numel() for p in model.parameters()), "flops": flops,

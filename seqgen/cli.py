@@ -1,4 +1,5 @@
-"""`seqgen` command line: train, generate, translate, evaluate, caption, plot, bench, demo, models, serve, average.
+"""`seqgen` command line: train, prepare, generate, translate, evaluate, caption, plot, bench, demo, models,
+serve, average.
 
 It is over 500 lines because it holds every command's parser and its thin handler side by side (a reader finds a
 command's flags and what it does in one place); the work itself is in seqgen.tasks, .inference and .serve.
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     from seqgen.inference.translation import DEFAULT_MAX_SRC_LEN
     from seqgen.tasks.captioning import CaptionRunConfig
     from seqgen.tasks.lm import LMRunConfig
-    from seqgen.tasks.translation import TranslationRunConfig
+    from seqgen.tasks.translation import TranslationDataConfig, TranslationRunConfig
 
     parser = argparse.ArgumentParser(prog="seqgen", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -89,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the decoding used for validation BLEU is --eval-* (greedy by default).")
     _common_train_flags(tr)
     add_run_flags(tr, TranslationRunConfig, prefixes={"encoder": "enc-", "eval": "eval-"})
+
+    prep = sub.add_parser("prepare", help="prepare training data ahead of training: the vocabulary and the "
+                                          "tokenized corpus").add_subparsers(dest="task", required=True)
+    pt = prep.add_parser("translation", help="fit the vocabulary and tokenize the training pairs into "
+                                             "--prepared-dir (then train with the same --prepared-dir)")
+    pt.add_argument("--config", metavar="FILE", help="YAML file with the same keys as the flags (flags win)")
+    add_dataclass_flags(pt, TranslationDataConfig, dest_prefix="data", defaults=TranslationDataConfig())
 
     for name, help_text in (("translate", "translate text with a translation model (files or stdin/stdout)"),
                             ("evaluate", "score a model on a test set: a translation model's sacreBLEU BLEU and "
@@ -292,6 +300,14 @@ def cmd_train_translation(args: argparse.Namespace) -> int:
                               allow_data_change=args.allow_data_change)
     best = f"{state.best:.2f}" if state.best is not None else "n/a"
     _print_once(f"done: {state.step} steps, best validation BLEU {best}; model in {args.out}/best.pt")
+    return 0
+
+
+def cmd_prepare_translation(args: argparse.Namespace) -> int:
+    from seqgen.tasks.translation import TranslationRunConfig, prepare_translation
+    run, _ = build_run_config(TranslationRunConfig, args)
+    prepared = prepare_translation(run.data)
+    _print_once(f"prepared: {len(prepared):,} pairs in {prepared.folder}")
     return 0
 
 
@@ -633,6 +649,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 COMMANDS = {("train", "lm"): cmd_train_lm, ("generate", None): cmd_generate,
             ("train", "translation"): cmd_train_translation, ("translate", None): cmd_translate,
+            ("prepare", "translation"): cmd_prepare_translation,
             ("evaluate", None): cmd_evaluate,
             ("train", "captioning"): cmd_train_captioning, ("caption", None): cmd_caption,
             ("plot", None): cmd_plot, ("bench", None): cmd_bench, ("demo", None): cmd_demo,

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
-import stat
 from typing import Callable, TypeVar
 
 from seqgen.checkpoint import load_checkpoint, payload_json
 from seqgen.config import file_fields, from_dict, merge
+from seqgen.data.text import file_digest
 from seqgen.distributed import launch_info
 from seqgen.errors import SeqgenError, cut_repr
 from seqgen.model import Seq2Seq
@@ -49,7 +48,6 @@ def holds_run_folder(train_fn: Callable[..., T]) -> Callable[..., T]:
 
     return run
 
-FULL_HASH_BYTES = 64 << 20   # data files up to this size are hashed whole, larger ones by their first and last MiB
 
 
 def check_out_dir(out_dir: str, resume: bool) -> str | None:
@@ -93,27 +91,12 @@ def _check_writable(out_dir: str) -> None:
 
 def data_fingerprint(data_cfg: object) -> dict[str, dict]:
     """What identifies the data files of a run config's data section (its `File` fields that are set and name a
-    regular file): {field: {path, size, mtime, sha256}}, the hash over the whole file up to FULL_HASH_BYTES,
-    else over its size and its first and last MiB. Saved in every checkpoint (Trainer(data_fingerprint=...))."""
+    regular file): {field: seqgen.data.text.file_digest(path)}. Saved in every checkpoint (Trainer(data_fingerprint=...))."""
     out = {}
     for name in file_fields(type(data_cfg)):
-        path = getattr(data_cfg, name)
-        try:
-            st = os.stat(path) if path else None
-            if st is None or not stat.S_ISREG(st.st_mode):
-                continue
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                if st.st_size <= FULL_HASH_BYTES:
-                    while chunk := f.read(1 << 20):
-                        h.update(chunk)
-                else:
-                    h.update(str(st.st_size).encode() + f.read(1 << 20))
-                    f.seek(-(1 << 20), os.SEEK_END)
-                    h.update(f.read())
-        except (OSError, ValueError):    # unreadable: the task's readers say why
-            continue
-        out[name] = {"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime, "sha256": h.hexdigest()}
+        digest = file_digest(getattr(data_cfg, name))
+        if digest is not None:      # unreadable: the task's readers say why
+            out[name] = digest
     return out
 
 

@@ -224,6 +224,17 @@ class SubwordTokenizer:
             tokens.extend(pieces)
         return tokens
 
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[str]]:
+        """`[tokenize(t) for t in texts]`, with the texts that hold no line break in one sentencepiece call."""
+        plain = [i for i, t in enumerate(texts) if not _LINE_SPLIT.search(t)]
+        out: list[list[str]] = [[] for _ in texts]
+        for i, pieces in zip(plain, self._sp.encode([_SURROGATE.sub("\ufffd", texts[i]) for i in plain],
+                                                    out_type=str)):
+            out[i] = pieces
+        for i in set(range(len(texts))).difference(plain):
+            out[i] = self.tokenize(texts[i])
+        return out
+
     def detokenize(self, tokens: Sequence[str]) -> str:
         """Returns the text of `tokens`; pieces unknown to the model (e.g. "<unk>") read as " ⁇ "."""
         out: list[str] = []
@@ -334,6 +345,13 @@ class TextCodec:
         if eos:
             ids.append(self.vocab.eos)
         return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`[encode(t) for t in texts]`, faster for subword (one sentencepiece call for many texts)."""
+        tok = self.tokenizer
+        tokens = (tok.tokenize_batch(texts) if isinstance(tok, SubwordTokenizer)
+                  else [tok.tokenize(t) for t in texts])
+        return [self.vocab.lookup(t) for t in tokens]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Returns the text of `ids`: stops at the first <eos>, skips <pad>/<bos>.

@@ -44,14 +44,21 @@ class Vocab:
         max_size caps the total size including the 4 specials (None = no cap). Tokens equal to a special string
         are not counted again (they already have an id).
         """
+        counts: Counter[str] = Counter()
+        for seq in sequences:
+            counts.update(seq)
+        return cls.from_counts(counts, min_freq=min_freq, max_size=max_size)
+
+    @classmethod
+    def from_counts(cls, counts: Counter[str], min_freq: int = 1, max_size: int | None = None) -> Vocab:
+        """The Vocab `build` makes from token counts (counted elsewhere, e.g. in parallel over parts of a corpus:
+        the order of counting does not matter)."""
         if min_freq < 1:
             raise SeqgenError(f"min_freq must be >= 1, got {min_freq}")
         if max_size is not None and max_size < len(SPECIALS):
             raise SeqgenError(f"max_size must be at least {len(SPECIALS)} (the specials {', '.join(SPECIALS)}), "
                               f"got {max_size}")
-        counts: Counter[str] = Counter()
-        for seq in sequences:
-            counts.update(seq)
+        counts = Counter(counts)
         for special in SPECIALS:
             counts.pop(special, None)
         kept = sorted((t for t, n in counts.items() if n >= min_freq), key=lambda t: (-counts[t], t))

@@ -64,8 +64,9 @@ class BucketBatchSampler:
     Use `batches(epoch)` directly, or as a DataLoader `batch_sampler` with `set_epoch(epoch)` before each epoch.
     """
 
-    def __init__(self, lengths: Sequence[int], *, max_tokens: int | None = None, batch_size: int | None = None,
-                 shuffle: bool = True, seed: int = 0, bucket_factor: int = 100):
+    def __init__(self, lengths: Sequence[int] | Tensor, *, max_tokens: int | None = None,
+                 batch_size: int | None = None, shuffle: bool = True, seed: int = 0, bucket_factor: int = 100):
+        """lengths: a sequence of ints, or one array/tensor [N] (kept as one int64 tensor, no Python int each)."""
         if (max_tokens is None) == (batch_size is None):
             raise ValueError("give exactly one of max_tokens and batch_size")
         if max_tokens is not None and max_tokens < 1:
@@ -74,7 +75,8 @@ class BucketBatchSampler:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if bucket_factor < 1:
             raise ValueError(f"bucket_factor must be >= 1, got {bucket_factor}")
-        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        array = isinstance(lengths, Tensor) or hasattr(lengths, "__array__")
+        self.lengths = torch.as_tensor(lengths if array else list(lengths), dtype=torch.long)
         if self.lengths.dim() != 1:
             raise ValueError("lengths must be a flat sequence of ints")
         self.max_tokens = max_tokens
@@ -83,7 +85,7 @@ class BucketBatchSampler:
         self.seed = seed
         self.bucket_factor = bucket_factor
         self.epoch = 0
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, Tensor, Tensor] | None = None
 
     def _estimated_batch_size(self) -> int:
         if self.batch_size is not None:
@@ -91,40 +93,72 @@ class BucketBatchSampler:
         mean = float(self.lengths.float().mean()) if len(self.lengths) else 1.0
         return max(1, int(self.max_tokens / max(mean, 1.0)))
 
-    def _cut(self, idx: list[int], lens: list[int]) -> list[list[int]]:
-        """Cut one chunk, sorted by ascending length, into batches."""
+    def _cut(self, lens: list[int]) -> list[int]:
+        """Sizes of the batches one chunk, sorted by ascending length, is cut into."""
+        m = len(lens)
         if self.batch_size is not None:
-            return [idx[i: i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
-        out: list[list[int]] = []
-        cur: list[int] = []
-        for i, n in zip(idx, lens):
-            # Sorted ascending, so the newcomer is the longest: padded size = (count + 1) * n.
-            if cur and (len(cur) + 1) * n > self.max_tokens:
-                out.append(cur)
-                cur = []
-            cur.append(i)
-        if cur:
-            out.append(cur)
-        return out
+            return [min(self.batch_size, m - i) for i in range(0, m, self.batch_size)]
+        sizes: list[int] = []
+        start = 0
+        while start < m:
+            # The batch grows while (count + 1) * newcomer <= budget (sorted ascending, so the newcomer is the
+            # longest); that product only grows along the chunk, so its end is found by bisection.
+            lo, hi = start + 1, m          # the first position that does not fit is in [lo, hi]
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if (mid - start + 1) * lens[mid] > self.max_tokens:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            sizes.append(lo - start)
+            start = lo
+        return sizes
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        """Indices of the examples in each batch of `epoch`; the same (seed, epoch) gives the same list."""
+    def plan(self, epoch: int) -> tuple[Tensor, Tensor]:
+        """The batches of `epoch` as two tensors: example indices [N] in batch order and bounds [num_batches + 1]
+        (batch b is indices[bounds[b]:bounds[b + 1]]); the same (seed, epoch) gives the same plan. Memory is
+        two int64 tensors whatever the corpus size, not a Python list per batch."""
         if self._cache is not None and self._cache[0] == epoch:
-            return [list(b) for b in self._cache[1]]
+            return self._cache[1], self._cache[2]
         n = len(self.lengths)
         g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         chunk = self.bucket_factor * self._estimated_batch_size()
-        out: list[list[int]] = []
+        parts: list[Tensor] = []
+        sizes: list[int] = []
         for start in range(0, n, chunk):
             idx = order[start: start + chunk]
             # Stable sort: equal lengths keep their shuffled order, so ties differ between epochs too.
             lens, perm = torch.sort(self.lengths[idx], stable=True)
-            out.extend(self._cut(idx[perm].tolist(), lens.tolist()))
-        if self.shuffle:
-            out = [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
-        self._cache = (epoch, out)
-        return [list(b) for b in out]
+            parts.append(idx[perm])
+            sizes.extend(self._cut(lens.tolist()))
+        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        size = torch.tensor(sizes, dtype=torch.long)
+        if self.shuffle and len(sizes):
+            new_order = torch.randperm(len(sizes), generator=g)
+            rank = torch.empty_like(new_order)
+            rank[new_order] = torch.arange(len(sizes))
+            batch_of = torch.repeat_interleave(torch.arange(len(sizes)), size)
+            flat = flat[torch.sort(rank[batch_of], stable=True).indices]
+            size = size[new_order]
+        bounds = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(size, 0)])
+        self._cache = (epoch, flat, bounds)
+        return flat, bounds
+
+    def num_batches(self, epoch: int) -> int:
+        """Batches in `epoch`."""
+        return len(self.plan(epoch)[1]) - 1
+
+    def batch(self, epoch: int, b: int) -> Tensor:
+        """Example indices [n] of batch `b` of `epoch`."""
+        flat, bounds = self.plan(epoch)
+        return flat[int(bounds[b]):int(bounds[b + 1])]
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Indices of the examples in each batch of `epoch` as lists (`plan` holds the same in two tensors)."""
+        flat, bounds = self.plan(epoch)
+        flat, bounds = flat.tolist(), bounds.tolist()
+        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     @staticmethod
     def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
@@ -140,4 +174,4 @@ class BucketBatchSampler:
 
     def __len__(self) -> int:
         """Batches in the current epoch (with max_tokens the count can differ by a few between epochs)."""
-        return len(self.batches(self.epoch))
+        return self.num_batches(self.epoch)

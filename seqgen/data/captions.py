@@ -227,7 +227,7 @@ class CachedCaptionBatches:
                                           shuffle=True, seed=seed)
 
     def num_batches(self, epoch: int) -> int:
-        return len(self.sampler.batches(epoch))
+        return self.sampler.num_batches(epoch)
 
     def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1) -> Iterator[Batch]:
         """Batches [start:stop:step] of the epoch's list (a process's share under data parallelism)."""
@@ -252,7 +252,7 @@ class CachedImageBatches:
         self.sampler = BucketBatchSampler([1] * len(self.rows), batch_size=batch_size, shuffle=True, seed=seed)
 
     def num_batches(self, epoch: int) -> int:
-        return len(self.sampler.batches(epoch))
+        return self.sampler.num_batches(epoch)
 
     def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1) -> Iterator[Batch]:
         """Batches [start:stop:step] of the epoch's list (a process's share under data parallelism)."""
@@ -305,7 +305,7 @@ class ImageCaptionBatches:
                                           shuffle=True, seed=seed)
 
     def num_batches(self, epoch: int) -> int:
-        return len(self.sampler.batches(epoch))
+        return self.sampler.num_batches(epoch)
 
     def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1) -> Iterator[Batch]:
         """Batches [start:stop:step] of the epoch's list: only these images are decoded."""

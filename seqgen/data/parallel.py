@@ -6,12 +6,14 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from seqgen.data.batch import Batch
-from seqgen.data.batching import BucketBatchSampler, pad_sequences
+from seqgen.data.batching import BucketBatchSampler
 
 from seqgen.data.text import read_lines
+from seqgen.data.token_lists import TokenLists
 from seqgen.errors import SeqgenError
 
 
@@ -30,7 +32,8 @@ class ParallelCorpus:
         return len(self.src)
 
 
-def _pairs(src_lines: list[str], tgt_lines: list[str]) -> ParallelCorpus:
+def pairs(src_lines: list[str], tgt_lines: list[str]) -> ParallelCorpus:
+    """The pairs of two aligned line lists, stripped; pairs with an empty side are skipped and counted."""
     src, tgt, skipped = [], [], 0
     for s, t in zip(src_lines, tgt_lines):
         s, t = s.strip(), t.strip()
@@ -53,7 +56,7 @@ def read_parallel(src_path: str | os.PathLike, tgt_path: str | os.PathLike) -> P
     if len(src_lines) != len(tgt_lines):
         raise SeqgenError(f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)} "
                           f"— the files must be aligned line by line")
-    return _pairs(src_lines, tgt_lines)
+    return pairs(src_lines, tgt_lines)
 
 
 def read_tsv(path: str | os.PathLike) -> ParallelCorpus:
@@ -63,8 +66,15 @@ def read_tsv(path: str | os.PathLike) -> ParallelCorpus:
     tab raises SeqgenError naming path:line.
     """
     path = os.fspath(path)
+    src_lines, tgt_lines = split_tsv(read_lines(path), path)
+    return pairs(src_lines, tgt_lines)
+
+
+def split_tsv(lines: list[str], path: str, first_line: int = 1) -> tuple[list[str], list[str]]:
+    """The source and target sides of TSV lines (a blank line: two empty sides); SeqgenError naming path:line
+    for a non-blank line without exactly one tab. first_line: the line number of lines[0] in `path`."""
     src_lines, tgt_lines = [], []
-    for lineno, line in enumerate(read_lines(path), start=1):
+    for lineno, line in enumerate(lines, start=first_line):
         if not line.strip():
             src_lines.append("")
             tgt_lines.append("")
@@ -75,7 +85,7 @@ def read_tsv(path: str | os.PathLike) -> ParallelCorpus:
                               f"found {len(parts) - 1}")
         src_lines.append(parts[0])
         tgt_lines.append(parts[1])
-    return _pairs(src_lines, tgt_lines)
+    return src_lines, tgt_lines
 
 
 def filter_by_length(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len: int) -> tuple[list[int], int]:
@@ -91,31 +101,42 @@ def filter_by_length(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len
 class ParallelBatches:
     """Bucketed batches of (source [B, S] + lengths, target [B, T+1] `bos ... eos`); a `BatchSource`.
 
-    Deterministic for (seed, epoch), so a resumed run sees the same batches from the same position.
+    src, tgt: token lists (Python lists, or `TokenLists`, e.g. memory-mapped from a prepared-data cache), the
+    source as the encoder reads it, the target without <bos>/<eos>. src_eos: append <eos> to every source (the
+    cache stores sources without it). Deterministic for (seed, epoch), so a resumed run sees the same batches
+    from the same position; the batches of an epoch are two tensors (`BucketBatchSampler.plan`), not a Python
+    list per sentence.
     """
 
-    def __init__(self, src_ids: list[list[int]], tgt_ids: list[list[int]], *, pad: int, bos: int, eos: int,
-                 max_tokens: int = 0, batch_size: int = 64, seed: int = 0, shuffle: bool = True):
+    def __init__(self, src_ids: Sequence[Sequence[int]] | TokenLists, tgt_ids: Sequence[Sequence[int]] | TokenLists,
+                 *, pad: int, bos: int, eos: int, max_tokens: int = 0, batch_size: int = 64, seed: int = 0,
+                 shuffle: bool = True, src_eos: bool = False):
         if len(src_ids) != len(tgt_ids):
             raise ValueError(f"{len(src_ids)} sources but {len(tgt_ids)} targets")
-        self.src = src_ids
-        self.tgt = [[bos, *t, eos] for t in tgt_ids]
-        self.pad = pad
-        cost = [max(len(s), len(t) - 1) for s, t in zip(self.src, self.tgt)]
+        self.src = src_ids if isinstance(src_ids, TokenLists) else TokenLists.from_lists(src_ids)
+        self.tgt = tgt_ids if isinstance(tgt_ids, TokenLists) else TokenLists.from_lists(tgt_ids)
+        self.pad, self.bos, self.eos, self.src_eos = pad, bos, eos, src_eos
+        self.src_lengths = self.src.lengths() + int(src_eos)     # [N] tokens the encoder reads
+        self.tgt_lengths = self.tgt.lengths()                    # [N] target tokens without <bos>/<eos>
+        # a batch's cost: its padded source or its target input/output (length + 1), whichever is longer
+        cost = np.maximum(self.src_lengths, self.tgt_lengths + 1)
         self.sampler = BucketBatchSampler(cost, max_tokens=max_tokens or None,
                                           batch_size=None if max_tokens else batch_size,
                                           shuffle=shuffle, seed=seed)
 
-    def num_batches(self, epoch: int) -> int:
-        return len(self.sampler.batches(epoch))
+    def __len__(self) -> int:
+        return len(self.src)
 
-    def make_batch(self, idx: Sequence[int]) -> Batch:
-        source, lengths = pad_sequences([self.src[i] for i in idx], self.pad)
-        target, _ = pad_sequences([self.tgt[i] for i in idx], self.pad)
+    def num_batches(self, epoch: int) -> int:
+        return self.sampler.num_batches(epoch)
+
+    def make_batch(self, idx: Sequence[int] | torch.Tensor) -> Batch:
+        source, lengths = self.src.padded(idx, self.pad, suffix=self.eos if self.src_eos else None)
+        target, _ = self.tgt.padded(idx, self.pad, prefix=self.bos, suffix=self.eos)
         return Batch(target=target, source=source, source_lengths=lengths,
-                     index=torch.as_tensor(list(idx), dtype=torch.long))
+                     index=torch.as_tensor(idx, dtype=torch.long))
 
     def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1) -> Iterator[Batch]:
         """Batches [start:stop:step] of the epoch's list (a process's share under data parallelism)."""
-        for idx in self.sampler.batches(epoch)[start:stop:step]:
-            yield self.make_batch(idx)
+        for b in range(self.num_batches(epoch))[start:stop:step]:
+            yield self.make_batch(self.sampler.batch(epoch, b))

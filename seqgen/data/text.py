@@ -7,8 +7,10 @@ line-per-item file at a line longer than MAX_LINE_BYTES, with one line naming th
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import stat
 from typing import BinaryIO, Iterator
 
 import torch
@@ -27,6 +29,12 @@ def human_size(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift} {unit}"
     return f"{n:,} bytes"
+
+
+def long_line_error(name: str, lineno: int, line_limit: int = MAX_LINE_BYTES) -> SeqgenError:
+    """The error for line `lineno` of `name` being longer than `line_limit` bytes."""
+    return SeqgenError(f"{name}:{lineno}: a line longer than {human_size(line_limit)}, the longest line seqgen "
+                       f"reads; is this a text file with one item per line?")
 
 
 def read_stream(f: BinaryIO, name: str, *, limit: int | None = None, what: str = "one file",
@@ -50,24 +58,20 @@ def read_stream(f: BinaryIO, name: str, *, limit: int | None = None, what: str =
                 else:
                     run += len(chunk) if first < 0 else first
                 if run > line_limit:
-                    raise SeqgenError(f"{name}:{lines + 1}: a line longer than {human_size(line_limit)}, the longest "
-                                      f"line seqgen reads; is this a text file with one item per line?")
+                    raise long_line_error(name, lines + 1, line_limit)
             buf.write(chunk)
     except MemoryError:
         raise SeqgenError(f"{name}: not enough memory to read it (after {size:,} bytes)") from None
     return buf.getvalue()
 
 
-def read_bytes(path: str | os.PathLike, *, limit: int | None = None, what: str = "one file",
-               line_limit: int | None = None) -> bytes:
-    """Return the raw content of `path`, or raise SeqgenError saying why it cannot be read (limits: see
-    `read_stream`)."""
+def open_binary(path: str | os.PathLike) -> BinaryIO:
+    """Open `path` for reading bytes, or raise SeqgenError saying why it cannot be read."""
     path = os.fspath(path)
     # Open first and read the reason from the error: checking os.path.exists() beforehand would call a file
     # behind an unreadable folder "missing" (exists() is False whenever stat fails).
     try:
-        with open(path, "rb") as f:
-            return read_stream(f, path, limit=limit, what=what, line_limit=line_limit)
+        return open(path, "rb")
     except FileNotFoundError:
         raise SeqgenError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -82,18 +86,60 @@ def read_bytes(path: str | os.PathLike, *, limit: int | None = None, what: str =
         raise SeqgenError(f"{path!r}: not a valid file name") from None
 
 
-def decode_utf8(data: bytes, path: str) -> str:
-    """Decode UTF-8 (a leading BOM is dropped); on failure name the line and column of the bad byte."""
+def read_bytes(path: str | os.PathLike, *, limit: int | None = None, what: str = "one file",
+               line_limit: int | None = None) -> bytes:
+    """Return the raw content of `path`, or raise SeqgenError saying why it cannot be read (limits: see
+    `read_stream`)."""
+    path = os.fspath(path)
+    with open_binary(path) as f:
+        try:
+            return read_stream(f, path, limit=limit, what=what, line_limit=line_limit)
+        except IsADirectoryError:
+            raise SeqgenError(f"{path}: is a directory, expected a text file") from None
+        except OSError as e:
+            raise SeqgenError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+FULL_HASH_BYTES = 64 << 20   # files up to this size are hashed whole, larger ones by their first and last MiB
+
+
+def file_digest(path: str) -> dict | None:
+    """What identifies a data file: {path, size, mtime, sha256}, the hash over the whole file up to
+    FULL_HASH_BYTES, else over its size and its first and last MiB; None when `path` is not a readable regular
+    file (its reader says why). One implementation for run fingerprints and prepared-data caches."""
+    try:
+        st = os.stat(path) if path else None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return None
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            if st.st_size <= FULL_HASH_BYTES:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            else:
+                h.update(str(st.st_size).encode() + f.read(1 << 20))
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    except (OSError, ValueError):
+        return None
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime, "sha256": h.hexdigest()}
+
+
+def decode_utf8(data: bytes, path: str, *, first_line: int = 1) -> str:
+    """Decode UTF-8 (a leading BOM is dropped); on failure name the line and column of the bad byte.
+
+    first_line: the line number `data` starts at in `path` (a part of a file read in pieces; a BOM is only
+    dropped at line 1)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + first_line
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         utf16 = (", the file looks like UTF-16 (it starts with a UTF-16 byte-order mark)"
                  if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "")
         raise SeqgenError(f"{path}:{line}:{col}: invalid UTF-8 (byte 0x{data[e.start]:02x}){utf16}; "
                           f"convert the file to UTF-8") from None
-    return text[1:] if text.startswith("\ufeff") else text
+    return text[1:] if first_line == 1 and text.startswith("\ufeff") else text
 
 
 def read_text(path: str | os.PathLike, *, allow_empty: bool = False, limit: int | None = None,

@@ -13,15 +13,21 @@ scores it with sacreBLEU (cased, 13a), which picks the best checkpoint and drive
 """
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Callable, Literal
 
-from seqgen.config import MAX_VOCAB, Bounds, Count, File, Positive, Tokens, to_dict, validate
+import numpy as np
+
+from seqgen.config import MAX_VOCAB, Bounds, Count, File, Folder, Positive, Tokens, to_dict, validate
+from seqgen.data.line_chunks import Sources, count_tokens, sample_pairs
 from seqgen.data.parallel import ParallelBatches, ParallelCorpus, filter_by_length, read_parallel, read_tsv
-from seqgen.data.text import read_bytes
+from seqgen.data.prepared import PreparedPairs, cached_codecs, input_digests, prepare_pairs
+from seqgen.data.text import file_digest, open_binary, read_bytes
 from seqgen.decoders.rnn import DecoderConfig
-from seqgen.distributed import entry_point, is_main_process
+from seqgen.distributed import entry_point, is_main_process, setup
 from seqgen.encoders.rnn import RNNEncoderConfig
 from seqgen.errors import SeqgenError
 from seqgen.generation import GenerationConfig
@@ -30,7 +36,7 @@ from seqgen.log import Log, main_process_log, quiet, warning
 from seqgen.metrics import corpus_scores, perplexity
 from seqgen.model import ModelConfig, Seq2Seq
 from seqgen.runs import check_out_dir, data_fingerprint, holds_run_folder, load_init_model, load_resume_run
-from seqgen.tokenizers import SubwordTokenizer, TextCodec
+from seqgen.tokenizers import SubwordTokenizer, TextCodec, make_tokenizer
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
 from seqgen.vocab import SPECIALS, Vocab
 
@@ -57,6 +63,11 @@ class TranslationDataConfig:
     max_tokens:       token budget per batch (padded source or target); 0 = batch_size sentences per batch
     batch_size:       sentences per batch when max_tokens is 0
     valid_batch_size: sentences per batch when decoding the validation set
+    vocab_sample:     subword: sentencepiece trains on at most this many training pairs, a seeded random sample
+                      (0 = all of them)
+    prepared_dir:     the folder of the prepared data (the training pairs tokenized once, memory-mapped, and the
+                      fitted vocabularies); without it, OUT/prepared. Runs that share one skip the tokenizing
+    prepare_workers:  processes that tokenize the training pairs; 0 = one per core
     """
 
     src_train: File = ""
@@ -77,6 +88,9 @@ class TranslationDataConfig:
     max_tokens: Count = 0
     batch_size: Positive = 64
     valid_batch_size: Positive = 64
+    vocab_sample: Count = 1_000_000
+    prepared_dir: Folder = ""
+    prepare_workers: Count = 0
 
 
 @dataclass
@@ -101,23 +115,28 @@ class TranslationRunConfig:
 
 
 # Changing any of these on --resume would change the vocabulary the checkpoint's weights were trained with.
-_VOCAB_KEYS = ("level", "joint_vocab", "vocab_size", "model_type", "src_spm", "tgt_spm", "min_freq", "max_vocab")
+_VOCAB_KEYS = ("level", "joint_vocab", "vocab_size", "model_type", "src_spm", "tgt_spm", "min_freq", "max_vocab",
+               "vocab_sample")
 
 
 # -- data ----------------------------------------------------------------------------------------------
-def read_corpus(src: str, tgt: str, tsv: str, *, what: str) -> tuple[ParallelCorpus, str]:
-    """Read a parallel corpus from two aligned files or one TSV; returns it and a name for messages."""
+def corpus_sources(src: str, tgt: str, tsv: str, *, what: str) -> Sources:
+    """The files of a parallel corpus, two aligned files or one TSV; SeqgenError naming the flags missing."""
     flag = "train" if what == "training" else "valid"
     if tsv and (src or tgt):
         raise SeqgenError(f"give either --{flag}-tsv or --src-{flag}/--tgt-{flag}, not both")
-    if tsv:
-        return read_tsv(tsv), tsv
-    if not src or not tgt:
+    if not tsv and (not src or not tgt):
         missing = [f for f, v in ((f"--src-{flag}", src), (f"--tgt-{flag}", tgt)) if not v]
         need = "" if what == "training" else " (validation BLEU picks the best checkpoint)"
         raise SeqgenError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required: the {what} "
                           f"source and target files{need}, or --{flag}-tsv")
-    return read_parallel(src, tgt), f"{src} / {tgt}"
+    return Sources(src=src, tgt=tgt, tsv=tsv) if not tsv else Sources(tsv=tsv)
+
+
+def read_corpus(src: str, tgt: str, tsv: str, *, what: str) -> tuple[ParallelCorpus, str]:
+    """Read a parallel corpus from two aligned files or one TSV; returns it and a name for messages."""
+    files = corpus_sources(src, tgt, tsv, what=what)
+    return (read_tsv(tsv) if tsv else read_parallel(src, tgt)), files.name
 
 
 def _codec_from_spm(path: str) -> TextCodec:
@@ -145,6 +164,40 @@ def build_codecs(data: TranslationDataConfig, corpus: ParallelCorpus) -> tuple[T
     src = _codec_from_spm(data.src_spm) if data.src_spm else TextCodec.build(data.level, corpus.src, **kw)
     tgt = _codec_from_spm(data.tgt_spm) if data.tgt_spm else TextCodec.build(data.level, corpus.tgt, **kw)
     return src, tgt
+
+
+def fit_codecs(data: TranslationDataConfig, sources: Sources, prepared_dir: str, *,
+               log: Log) -> tuple[TextCodec, TextCodec]:
+    """build_codecs for a training corpus on disk, in bounded memory: sentencepiece trains on a seeded sample
+    of at most `data.vocab_sample` pairs, char/word vocabularies count every token on all cores. The result
+    is kept in `prepared_dir` for the next run on the same files and settings."""
+    if (data.src_spm or data.tgt_spm) and data.level != "subword":
+        raise SeqgenError("--src-spm/--tgt-spm are sentencepiece models: they need --level subword")
+    if data.src_spm and data.tgt_spm or data.joint_vocab and (data.src_spm or data.tgt_spm):
+        return build_codecs(data, ParallelCorpus(src=[], tgt=[]))      # nothing is fitted to the corpus
+    spms = [(file_digest(p) or {}).get("sha256", p) for p in (data.src_spm, data.tgt_spm) if p]
+    key = {"inputs": [[d["size"], d["mtime"], d["sha256"]] for d in input_digests(sources).values()],
+           "settings": {k: getattr(data, k) for k in _VOCAB_KEYS if not k.endswith("_spm")}, "spm": spms}
+
+    def fit() -> tuple[TextCodec, TextCodec]:
+        t0 = time.perf_counter()
+        if data.level == "subword":
+            src, tgt, lines = sample_pairs(sources, data.vocab_sample, seed=0)
+            codecs = build_codecs(data, ParallelCorpus(src=src, tgt=tgt))
+            sample = (f"a random sample of {len(src):,} of {lines:,} pairs (--vocab-sample {data.vocab_sample:,})"
+                      if data.vocab_sample and lines > data.vocab_sample else f"{len(src):,} pairs")
+            log(f"trained sentencepiece ({data.model_type}, {'joint' if data.joint_vocab else 'separate'}) on "
+                f"{sample} in {time.perf_counter() - t0:.1f}s")
+            return codecs
+        src_counts, tgt_counts, _ = count_tokens(sources, data.level, workers=data.prepare_workers or None)
+        tok, kw = make_tokenizer(data.level), dict(min_freq=data.min_freq, max_size=data.max_vocab or None)
+        if data.joint_vocab:
+            codec = TextCodec(tok, Vocab.from_counts(src_counts + tgt_counts, **kw))
+            return codec, codec
+        return TextCodec(tok, Vocab.from_counts(src_counts, **kw)), TextCodec(tok, Vocab.from_counts(tgt_counts, **kw))
+
+    src, tgt, _ = cached_codecs(prepared_dir, key, fit, log=log)
+    return (src, src) if data.joint_vocab else (src, tgt)
 
 
 def check_codecs_match(model: Seq2Seq, data: TranslationDataConfig, where: str) -> None:
@@ -178,6 +231,43 @@ def training_batches(corpus: ParallelCorpus, src_codec: TextCodec, tgt_codec: Te
     vocab = tgt_codec.vocab
     return ParallelBatches([src_ids[i] for i in keep], [tgt_ids[i] for i in keep], pad=vocab.pad, bos=vocab.bos,
                            eos=vocab.eos, max_tokens=data.max_tokens, batch_size=data.batch_size, seed=seed)
+
+
+def prepared_batches(prepared: PreparedPairs, src_codec: TextCodec, tgt_codec: TextCodec,
+                     data: TranslationDataConfig, *, seed: int, name: str = "training data",
+                     warn: Log | None = None) -> ParallelBatches:
+    """training_batches over the memory-mapped pairs of a prepared-data cache: the same filter, warning and
+    batches for the same pairs and seed, with the lengths as arrays and no Python list per sentence."""
+    src_len, tgt_len = prepared.src.lengths(), prepared.tgt.lengths()
+    keep = np.flatnonzero((src_len <= data.max_len) & (tgt_len <= data.max_len))
+    dropped = len(src_len) - len(keep)
+    if dropped and warn is not None:
+        warn(warning(f"{name}: filtered {dropped} of {len(src_len)} pair(s) longer than --max-len "
+                     f"{data.max_len} tokens"))
+    if not len(keep):
+        raise SeqgenError(f"{name}: every pair is longer than --max-len {data.max_len} tokens; raise --max-len")
+    whole = dropped == 0     # no row index array when every pair is kept
+    src = prepared.src if whole else prepared.src.take(keep)
+    tgt = prepared.tgt if whole else prepared.tgt.take(keep)
+    vocab = tgt_codec.vocab
+    return ParallelBatches(src, tgt, pad=vocab.pad, bos=vocab.bos, eos=vocab.eos, max_tokens=data.max_tokens,
+                           batch_size=data.batch_size, seed=seed, src_eos=True)
+
+
+def prepare_translation(data: TranslationDataConfig, *, log: Log | None = None) -> PreparedPairs:
+    """`seqgen prepare translation`: fit the vocabulary and tokenize the training pairs into
+    `data.prepared_dir` ahead of training (a run given the same --prepared-dir and files starts at once)."""
+    validate(data)
+    say = main_process_log(log, True)
+    if not data.prepared_dir:
+        raise SeqgenError("--prepared-dir is required: the folder to prepare the data in (then pass the same "
+                          "--prepared-dir to seqgen train translation)")
+    sources = corpus_sources(data.src_train, data.tgt_train, data.train_tsv, what="training")
+    src, tgt = fit_codecs(data, sources, data.prepared_dir, log=say)
+    prepared = prepare_pairs(sources, src, tgt, data.prepared_dir, workers=data.prepare_workers or None, log=say)
+    if prepared.skipped_empty:
+        say(warning(f"{sources.name}: skipped {prepared.skipped_empty} pair(s) with an empty line on either side"))
+    return prepared
 
 
 # -- training -----------------------------------------------------------------------------------------
@@ -236,41 +326,51 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
         seed_everything(run.train.seed)
     d = run.data
 
-    corpus, train_name = read_corpus(d.src_train, d.tgt_train, d.train_tsv, what="training")
+    sources = corpus_sources(d.src_train, d.tgt_train, d.train_tsv, what="training")
+    for path in sources.paths:
+        open_binary(path).close()     # a missing or unreadable file: one line before anything else happens
+    train_name = sources.name
     valid, valid_name = read_corpus(d.src_valid, d.tgt_valid, d.valid_tsv, what="validation")
-    for name, c in ((train_name, corpus), (valid_name, valid)):
-        if c.skipped_empty:
-            say(warning(f"{name}: skipped {c.skipped_empty} pair(s) with an empty line on either side"))
-    if len(corpus) == 0 or len(valid) == 0:
-        raise SeqgenError(f"{train_name if len(corpus) == 0 else valid_name}: no sentence pairs left after "
+    dist = setup(run.train.device)
+    prepared_dir = d.prepared_dir or os.path.join(out_dir, "prepared")
+    # a new run's own OUT/prepared goes again when the run fails before training: a rejected run writes nothing
+    own = not d.prepared_dir and not os.path.exists(prepared_dir) and dist.is_main
+    try:
+        with dist.main_first():     # process 0 fits and tokenizes; the others open what it wrote
+            if model is None:
+                src_codec, tgt_codec = fit_codecs(d, sources, prepared_dir, log=say)
+                seed_everything(run.train.seed)
+                try:
+                    model = Seq2Seq(ModelConfig(task="translation", decoder=run.decoder, text_encoder=run.encoder),
+                                    tgt=tgt_codec, src=src_codec)
+                except ValueError as e:
+                    raise SeqgenError(f"model config: {e}") from None
+            prepared = prepare_pairs(sources, model.src, model.tgt, prepared_dir, workers=d.prepare_workers or None,
+                                     log=say)
+    except BaseException:
+        if own:
+            shutil.rmtree(prepared_dir, ignore_errors=True)
+        raise
+    for name, skipped in ((train_name, prepared.skipped_empty), (valid_name, valid.skipped_empty)):
+        if skipped:
+            say(warning(f"{name}: skipped {skipped} pair(s) with an empty line on either side"))
+    if len(prepared) == 0 or len(valid) == 0:
+        raise SeqgenError(f"{train_name if len(prepared) == 0 else valid_name}: no sentence pairs left after "
                           f"skipping empty lines")
-
-    if model is None:
-        t0 = time.perf_counter()
-        src_codec, tgt_codec = build_codecs(d, corpus)
-        if d.level == "subword" and not (d.src_spm or d.tgt_spm):
-            say(f"trained sentencepiece ({d.model_type}, {'joint' if d.joint_vocab else 'separate'}) "
-                f"in {time.perf_counter() - t0:.1f}s")
-        seed_everything(run.train.seed)
-        try:
-            model = Seq2Seq(ModelConfig(task="translation", decoder=run.decoder, text_encoder=run.encoder),
-                            tgt=tgt_codec, src=src_codec)
-        except ValueError as e:
-            raise SeqgenError(f"model config: {e}") from None
     src_codec, tgt_codec = model.src, model.tgt
-    data = training_batches(corpus, src_codec, tgt_codec, d, seed=run.train.seed, name=train_name, warn=say)
+    data = prepared_batches(prepared, src_codec, tgt_codec, d, seed=run.train.seed, name=train_name, warn=say)
 
     evaluate = make_evaluate(valid, run.eval, d.valid_batch_size)
     trainer = Trainer(model, data, evaluate, run.train, out_dir, metric="bleu", mode="max",
-                      run_config=to_dict(run), log=log, data_fingerprint=data_fingerprint(d))
+                      run_config=to_dict(run), log=log, dist=dist, data_fingerprint=data_fingerprint(d))
     if resume_path:
         trainer.resume(resume_path)
     else:
-        n_src = sum(len(s) for s in data.src)
-        n_tgt = sum(len(t) - 1 for t in data.tgt)
+        n_src = int(data.src_lengths.sum())
+        n_tgt = int(data.tgt_lengths.sum()) + len(data)
         vocab = (f"joint vocabulary {len(tgt_codec.vocab)}" if src_codec is tgt_codec or src_codec == tgt_codec
                  else f"vocabularies {len(src_codec.vocab)} / {len(tgt_codec.vocab)}")
-        trainer.log(f"{train_name}: {len(data.src):,} pairs ({n_src:,} source / {n_tgt:,} target tokens), "
+        trainer.log(f"{train_name}: {len(data):,} pairs ({n_src:,} source / {n_tgt:,} target tokens), "
                      f"{data.num_batches(0):,} batches per epoch; {valid_name}: {len(valid):,} pairs; {vocab} "
                      f"({'from the model' if run.train.init_from else d.level}); "
                      f"{sum(p.numel() for p in model.parameters()):,} parameters"
@@ -278,5 +378,6 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
     return trainer.train()
 
 
-__all__ = ["TranslationDataConfig", "TranslationRunConfig", "train_translation", "read_corpus", "build_codecs",
-           "check_codecs_match", "encode_source", "training_batches", "make_evaluate"]
+__all__ = ["TranslationDataConfig", "TranslationRunConfig", "train_translation", "read_corpus", "corpus_sources",
+           "build_codecs", "fit_codecs", "check_codecs_match", "encode_source", "training_batches",
+           "prepared_batches", "prepare_translation", "make_evaluate"]
