@@ -229,7 +229,10 @@ def test_two_process_step_equals_one_process_step_over_the_global_batch(ddp_runs
     assert ddp["step"] == STEPS and ddp["epoch"] >= 1, "the run should cross an epoch boundary"
     merged = _trainer(tmp_path / "merged", merged=True)
     merged.train()
-    _assert_close(ddp["weights"], _weights(merged))
+    # One batch of twice the rows sums its gradient in another order than two batches whose gradients are
+    # averaged: float32 rounding, grown over the steps at lr 1e-2 (2.5e-5 on the AVX2-only CPU of 2026-12-02; within
+    # 1e-5 on the AVX-512 machine before). The accumulate run below adds the same per-batch gradients: 1e-5.
+    _assert_close(ddp["weights"], _weights(merged), atol=1e-4)
     accumulated = _trainer(tmp_path / "accumulated", accumulate=2)
     accumulated.train()
     _assert_close(ddp["weights"], _weights(accumulated))
