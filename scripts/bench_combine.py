@@ -13,9 +13,7 @@ the speed is sentences/s of that decoding, best of --repeat runs. Run it alone o
 from __future__ import annotations
 
 import argparse
-import glob
 import os
-import re
 import sys
 import time
 
@@ -27,12 +25,7 @@ from seqgen.generation import GenerationConfig
 from seqgen.inference.translation import translate
 from seqgen.metrics import corpus_bleu
 from seqgen.model import Ensemble, load_model
-
-
-def kept_steps(run: str) -> list[str]:
-    """RUN's step-STEP.pt files, oldest first."""
-    files = glob.glob(os.path.join(run, "step-*.pt"))
-    return sorted(files, key=lambda p: int(re.search(r"step-(\d+)\.pt$", p).group(1)))
+from seqgen.train import kept_checkpoints
 
 
 def score(model, src: list[str], ref: list[str], repeat: int) -> tuple[float, float]:
@@ -61,7 +54,7 @@ def main() -> int:
     d = os.path.join(args.data_dir, "multi30k")
     src = open(os.path.join(d, "test_2016_flickr.de"), encoding="utf-8").read().splitlines()
     ref = open(os.path.join(d, "test_2016_flickr.en"), encoding="utf-8").read().splitlines()
-    kept = kept_steps(args.run)
+    kept = kept_checkpoints(args.run)
     if not kept:
         print(f"bench_combine: error: {args.run} has no step-STEP.pt files (train with --keep-checkpoints N)",
               file=sys.stderr)

@@ -202,6 +202,17 @@ def _steps_of(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
 _KEPT = re.compile(r"step-(\d+)\.pt")   # keep_checkpoints' files in the run folder
 
 
+def kept_checkpoints(out_dir: str) -> list[str]:
+    """The step-STEP.pt files that `keep_checkpoints` left in run folder `out_dir`, oldest first (what
+    `seqgen average` is given)."""
+    try:
+        names = os.listdir(out_dir)
+    except OSError:
+        return []
+    steps = sorted(int(m.group(1)) for m in map(_KEPT.fullmatch, names) if m)
+    return [os.path.join(out_dir, f"step-{s}.pt") for s in steps]
+
+
 class Trainer:
     """Trains `model` on `data`, evaluating with `evaluate` and keeping checkpoints in `out_dir`.
 
@@ -296,12 +307,7 @@ class Trainer:
 
     def kept_checkpoints(self) -> list[str]:
         """The step-STEP.pt files of `keep_checkpoints` in the run folder, oldest first."""
-        try:
-            names = os.listdir(self.out_dir)
-        except OSError:
-            return []
-        steps = sorted(int(m.group(1)) for m in map(_KEPT.fullmatch, names) if m)
-        return [os.path.join(self.out_dir, f"step-{s}.pt") for s in steps]
+        return kept_checkpoints(self.out_dir)
 
     def _keep_checkpoint(self) -> None:
         """Save the weights just validated as step-STEP.pt and delete all but the newest keep_checkpoints.
