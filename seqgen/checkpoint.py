@@ -35,9 +35,11 @@ def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
     """
     buf = io.BytesIO()
     torch.save(payload, buf)
-    raw = buf.getvalue()
+    # One in-memory copy of the serialized payload, not three (getvalue() and bytearray() each copied it): the
+    # checkpoint write was the peak of a training run's RSS (docs/performance.md, "Large corpora").
+    raw = buf.getbuffer()
     outer = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(raw).hexdigest(),
-             "payload": torch.frombuffer(bytearray(raw), dtype=torch.uint8)}
+             "payload": torch.frombuffer(raw, dtype=torch.uint8)}
     atomic_write(path, lambda f: _save_reporting_os_errors(outer, f))
 
 
