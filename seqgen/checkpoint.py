@@ -2,11 +2,18 @@
 
 A checkpoint is one file written by `torch.save` holding only plain data:
 
-    {"format": "seqgen-checkpoint", "version": 1, "sha256": <hex of payload bytes>, "payload": uint8 tensor}
+    {"format": "seqgen-checkpoint", "version": 2, "sha256": <hex>, "payload": {...}}
 
-where `payload` is itself a `torch.save`d dict (config as JSON text, vocabularies as lists of str, weights,
-optionally the trainer state). Both levels are read with `torch.load(weights_only=True)`, so loading never
-runs pickled code; the checksum catches truncated or bit-flipped files before anything is used.
+where `payload` is a dict (config as JSON text, vocabularies as lists of str, weights, optionally the trainer
+state) and `sha256` is the digest of its canonical encoding (`payload_digest`: every key, string, number and
+tensor's dtype, shape and bytes, in order). It is read with `torch.load(weights_only=True)`, so loading never
+runs pickled code; the digest catches bit-flipped files before anything is used, and torch's zip reader refuses
+truncated ones.
+
+Version 1 (still read) held the payload as a `torch.save`d byte string inside the outer file, digested as
+bytes. Writing it needed the whole serialized payload in memory beside the model and its Adam state (a copy of
+both), reading it three; version 2 is written straight to the file and read as one copy, which is what keeps
+a training run's peak memory at the training step's (docs/performance.md, "Large corpora").
 """
 from __future__ import annotations
 
@@ -19,10 +26,10 @@ from typing import Any
 import torch
 
 from seqgen.atomic import atomic_write
-from seqgen.errors import SeqgenError
+from seqgen.errors import SeqgenError, cut_repr
 
 FORMAT = "seqgen-checkpoint"
-VERSION = 1
+VERSION = 2
 MAX_JSON_CHARS = 1 << 20     # a config or state entry (JSON text) of a payload
 
 
@@ -31,16 +38,48 @@ def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
 
     A crash or a full disk at any moment leaves either the old file or the new one, never a mix (a failed write
     raises its OSError, ENOSPC for a full disk); a kill leaves at most a temp file `.tmp-NAME-XXXX` (see
-    `seqgen.atomic.remove_partial_writes`).
+    `seqgen.atomic.remove_partial_writes`). Nothing is serialized in memory first: torch.save writes each
+    tensor from where it lies.
     """
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    # One in-memory copy of the serialized payload, not three (getvalue() and bytearray() each copied it): the
-    # checkpoint write was the peak of a training run's RSS (docs/performance.md, "Large corpora").
-    raw = buf.getbuffer()
-    outer = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(raw).hexdigest(),
-             "payload": torch.frombuffer(raw, dtype=torch.uint8)}
+    outer = {"format": FORMAT, "version": VERSION, "sha256": payload_digest(payload), "payload": payload}
     atomic_write(path, lambda f: _save_reporting_os_errors(outer, f))
+
+
+def payload_digest(payload: Any) -> str:
+    """sha256 (hex) of a payload's canonical encoding: type tags, lengths, dict keys and values in order,
+    str/bytes/numbers, and each tensor's dtype, shape and bytes. TypeError for anything else (seqgen writes
+    nothing else; a loaded payload holding something else is not seqgen's)."""
+    h = hashlib.sha256()
+    _digest_into(h, payload, depth=0)
+    return h.hexdigest()
+
+
+def _digest_into(h, obj: Any, depth: int) -> None:
+    if depth > 32:
+        raise TypeError("nested too deeply")
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}:{list(obj.shape)}:".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())      # the bytes in place: no copy of the weights
+    elif isinstance(obj, dict):
+        h.update(f"d{len(obj)}:".encode())
+        for key, value in obj.items():
+            _digest_into(h, key, depth + 1)
+            _digest_into(h, value, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'l' if isinstance(obj, list) else 't'}{len(obj)}:".encode())
+        for value in obj:
+            _digest_into(h, value, depth + 1)
+    elif isinstance(obj, str):
+        data = obj.encode("utf-8", "surrogatepass")
+        h.update(f"s{len(data)}:".encode() + data)
+    elif isinstance(obj, (bytes, bytearray)):
+        h.update(f"b{len(obj)}:".encode() + bytes(obj))
+    elif obj is None or isinstance(obj, (bool, int, float)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(f"a {type(obj).__name__} in a checkpoint payload")
 
 
 class _Writer:
@@ -92,9 +131,43 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not isinstance(outer, dict) or outer.get("format") != FORMAT:
         raise SeqgenError(f"{path}: not a seqgen checkpoint")
     version = outer.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise SeqgenError(f"{path}: not a seqgen checkpoint (format version {cut_repr(version)})")
+    if version > VERSION:
         raise SeqgenError(f"{path}: checkpoint format version {version} is newer than this seqgen "
                           f"understands ({VERSION}); upgrade seqgen")
+    payload = _payload_v1(outer, path, map_location) if version == 1 else _payload_v2(outer, path, map_location)
+    if not isinstance(payload, dict):
+        raise SeqgenError(f"{path}: the checkpoint's payload is a {type(payload).__name__}, not the mapping seqgen "
+                          f"writes (not a seqgen model, or modified)")
+    return payload
+
+
+def _payload_v2(outer: dict, path: str, map_location: str | torch.device) -> Any:
+    payload = outer.get("payload")
+    try:
+        digest = payload_digest(payload)
+    except (TypeError, ValueError, RuntimeError) as e:     # ValueError: an int too long to print
+        raise SeqgenError(f"{path}: the checkpoint's payload is not the plain data seqgen writes ({e})") from None
+    if digest != outer.get("sha256"):
+        raise SeqgenError(f"{path}: checksum mismatch: the checkpoint is corrupt (truncated or modified)")
+    if map_location != "cpu" and isinstance(payload, dict):
+        payload = _to_device(payload, torch.device(map_location))
+    return payload
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
+
+
+def _payload_v1(outer: dict, path: str, map_location: str | torch.device) -> Any:
+    """The payload of a version-1 file: a torch.save'd byte string digested as bytes."""
     raw = outer.get("payload")
     if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
         raise SeqgenError(f"{path}: checkpoint has no payload")
@@ -102,13 +175,9 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if hashlib.sha256(data).hexdigest() != outer.get("sha256"):
         raise SeqgenError(f"{path}: checksum mismatch: the checkpoint is corrupt (truncated or modified)")
     try:
-        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:
         raise SeqgenError(f"{path}: checkpoint payload cannot be read safely ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(payload, dict):
-        raise SeqgenError(f"{path}: the checkpoint's payload is a {type(payload).__name__}, not the mapping seqgen "
-                          f"writes (not a seqgen model, or modified)")
-    return payload
 
 
 def payload_json(payload: dict[str, Any], key: str, where: str) -> Any:

@@ -30,11 +30,61 @@ def test_truncated_file_is_detected(tmp_path):
 def test_bit_flip_is_detected_by_checksum(tmp_path):
     path = tmp_path / "a.pt"
     save_checkpoint(str(path), {"model": {"w": torch.zeros(1000)}})
+    data = bytearray(path.read_bytes())
+    at = data.find(bytes(4000))             # the weights' 4,000 zero bytes, stored as they are
+    assert at > 0
+    data[at + 2000] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(SeqgenError, match="checksum|corrupt"):
+        load_checkpoint(str(path))
+
+
+def test_modified_payload_is_detected_by_checksum(tmp_path):
+    """Rewritten with torch.save (so the zip is intact), a changed weight, key or string no longer matches."""
+    path = tmp_path / "a.pt"
+    save_checkpoint(str(path), {"config": "{}", "model": {"w": torch.zeros(10)}})
+    for change in (lambda p: p["model"]["w"].add_(1), lambda p: p.update(config='{"x": 1}'),
+                   lambda p: p["model"].update(v=p["model"].pop("w"))):
+        outer = torch.load(path, weights_only=True)
+        change(outer["payload"])
+        torch.save(outer, tmp_path / "b.pt")
+        with pytest.raises(SeqgenError, match="checksum"):
+            load_checkpoint(str(tmp_path / "b.pt"))
+
+
+def _save_version_1(path, payload):
+    """The format seqgen wrote before version 2: the payload torch.save'd into a byte string."""
+    import hashlib
+    import io
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    raw = buf.getvalue()
+    torch.save({"format": "seqgen-checkpoint", "version": 1, "sha256": hashlib.sha256(raw).hexdigest(),
+                "payload": torch.frombuffer(bytearray(raw), dtype=torch.uint8)}, path)
+
+
+def test_version_1_files_still_load_and_are_checked(tmp_path):
+    path = tmp_path / "v1.pt"
+    _save_version_1(path, {"config": "{}", "model": {"w": torch.arange(6.0)}})
+    assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.arange(6.0))
     outer = torch.load(path, weights_only=True)
     outer["payload"][len(outer["payload"]) // 2] ^= 0x10
     torch.save(outer, path)
     with pytest.raises(SeqgenError, match="checksum"):
         load_checkpoint(str(path))
+
+
+def test_crafted_payloads_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "c.pt"
+    nested = []
+    for _ in range(100):
+        nested = [nested]
+    for version, payload in ((0, {}), (True, {}), ("2", {}), (2, {"n": 10 ** 5000}), (2, {"deep": nested}),
+                             (2, ["not", "a", "mapping"])):
+        torch.save({"format": "seqgen-checkpoint", "version": version, "sha256": "0" * 64, "payload": payload}, path)
+        with pytest.raises(SeqgenError) as e:
+            load_checkpoint(str(path))
+        assert "\n" not in str(e.value) and len(str(e.value)) < 300
 
 
 class Evil:
