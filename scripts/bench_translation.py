@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from seqgen.allocator import tune_cpu_allocator
@@ -120,9 +121,10 @@ def run_speed(args, name: str, enc: RNNEncoderConfig, dec: DecoderConfig, codecs
     speeds = speeds[1:] or speeds                         # the first window includes warm-up
     if not speeds:
         raise SeqgenError(f"{name}: fewer than 5 steps in {args.speed_seconds:g}s; raise --speed-seconds")
-    n_src = int(data.src_lengths.sum())
-    n_tgt = int((data.tgt_lengths + 1).sum())          # target positions: the tokens and <eos>
-    attended = int(((data.tgt_lengths + 1) * data.src_lengths).sum()) / n_tgt
+    src_len = data.src.lengths().astype(np.int64) + int(data.src_eos)    # tokens the encoder reads
+    tgt_len = data.tgt.lengths().astype(np.int64) + 1                     # target positions: tokens and <eos>
+    n_src, n_tgt = int(src_len.sum()), int(tgt_len.sum())
+    attended = int((tgt_len * src_len).sum()) / n_tgt
     flops = forward_flops(enc, dec, len(tgt_codec.vocab), n_src / n_tgt, attended)
     return {"name": name, "tokens_per_s": sorted(speeds)[len(speeds) // 2], "steps": state.step,
             "params": sum(p.numel() for p in model.parameters()), "flops": flops,

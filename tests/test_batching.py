@@ -118,3 +118,17 @@ def test_bad_arguments():
         BucketBatchSampler([1, 2], max_tokens=10, batch_size=2)
     with pytest.raises(ValueError):
         BucketBatchSampler([1, 2], max_tokens=0)
+
+
+def test_plan_indices_are_int32_and_the_same_permutation_as_int64():
+    """The plan keeps 4-byte indices; the permutation is the one torch.randperm gives as int64, so runs (and
+    resumes) made before the indices were int32 see the same batches."""
+    from seqgen.data.batching import _epoch_seed
+    n = 10_000
+    sampler = BucketBatchSampler(torch.ones(n, dtype=torch.long), batch_size=1, seed=3, bucket_factor=1)
+    flat, bounds = sampler.plan(2)
+    assert flat.dtype == torch.int32 and sampler.lengths.dtype == torch.int32
+    g = torch.Generator().manual_seed(_epoch_seed(3, 2))
+    order = torch.randperm(n, generator=g)
+    new_order = torch.randperm(n, generator=g)         # then the batches (here single examples) are shuffled
+    assert torch.equal(flat.long(), order[new_order])

@@ -238,7 +238,9 @@ def test_the_sampler_plan_equals_the_list_sampler(budget):
 
 
 @pytest.mark.parametrize("budget", [dict(max_tokens=60), dict(batch_size=7)])
-def test_batches_from_the_cache_equal_the_in_memory_batches(tmp_path, budget):
+def test_batches_from_the_cache_equal_the_in_memory_batches(tmp_path, budget, monkeypatch):
+    import seqgen.data.parallel as parallel
+    monkeypatch.setattr(parallel, "RELEASE_EVERY", 2)     # mapped pages released between batches change nothing
     sources = make_corpus(tmp_path, n=300)
     (src, tgt), corpus = codecs_for(sources)
     d = TranslationDataConfig(level="word", max_len=11, max_tokens=budget.get("max_tokens", 0),
@@ -266,6 +268,30 @@ def test_token_lists_pad_like_pad_sequences():
     ids, lengths = tl.padded([0, 1, 2], 0, prefix=1, suffix=2)
     want, want_len = pad_sequences([[1, 8, 2], [1, 5, 6, 7, 2], [1, 2]], 0)
     assert torch.equal(ids, want) and torch.equal(lengths, want_len) and tl.lengths().tolist() == [1, 3, 0]
+
+
+def _rss_file_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssFile from Linux's /proc")
+def test_token_lists_release_the_mapped_pages_they_read(tmp_path):
+    """Reading a memory-mapped cache through `lengths()` leaves its pages out of the process's RSS (they stay
+    readable), so a run's memory does not grow with the corpus it has read."""
+    n = 4 << 20                                       # 32 MiB of int64 offsets
+    path = tmp_path / "offsets"
+    np.arange(n + 1, dtype=np.int64).tofile(path)
+    ids = np.zeros(n, dtype=np.uint16)
+    before = _rss_file_mib()
+    offsets = np.memmap(path, dtype=np.int64, mode="r")
+    assert int(offsets.sum()) > 0                     # every page touched: they count in RSS now
+    assert _rss_file_mib() - before > 24
+    lists = TokenLists(ids, offsets)
+    lengths = lists.lengths()
+    assert lengths.dtype == np.int32 and len(lengths) == n and int(lengths.min()) == int(lengths.max()) == 1
+    assert _rss_file_mib() - before < 8
+    assert int(offsets[n]) == n and lists[n - 1] == [0]  # still readable after the release
 
 
 # -- vocabularies ----------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ class BucketBatchSampler:
 
     def __init__(self, lengths: Sequence[int] | Tensor, *, max_tokens: int | None = None,
                  batch_size: int | None = None, shuffle: bool = True, seed: int = 0, bucket_factor: int = 100):
-        """lengths: a sequence of ints, or one array/tensor [N] (kept as one int64 tensor, no Python int each)."""
+        """lengths: a sequence of ints, or one array/tensor [N] (kept as one int32 tensor, no Python int each)."""
         if (max_tokens is None) == (batch_size is None):
             raise ValueError("give exactly one of max_tokens and batch_size")
         if max_tokens is not None and max_tokens < 1:
@@ -76,7 +76,9 @@ class BucketBatchSampler:
         if bucket_factor < 1:
             raise ValueError(f"bucket_factor must be >= 1, got {bucket_factor}")
         array = isinstance(lengths, Tensor) or hasattr(lengths, "__array__")
-        self.lengths = torch.as_tensor(lengths if array else list(lengths), dtype=torch.long)
+        # int32: 4 bytes per example instead of 8, and the plan's indices are int32 too (the same permutation
+        # as int64 from the same generator): per-example arrays are what grows with a corpus of millions
+        self.lengths = torch.as_tensor(lengths if array else list(lengths), dtype=torch.int32)
         if self.lengths.dim() != 1:
             raise ValueError("lengths must be a flat sequence of ints")
         self.max_tokens = max_tokens
@@ -117,12 +119,13 @@ class BucketBatchSampler:
     def plan(self, epoch: int) -> tuple[Tensor, Tensor]:
         """The batches of `epoch` as two tensors: example indices [N] in batch order and bounds [num_batches + 1]
         (batch b is indices[bounds[b]:bounds[b + 1]]); the same (seed, epoch) gives the same plan. Memory is
-        two int64 tensors whatever the corpus size, not a Python list per batch."""
+        two tensors (int32 indices below 2**31 examples, int64 bounds), not a Python list per batch."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1], self._cache[2]
         n = len(self.lengths)
         g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        index = torch.int32 if n < 2 ** 31 else torch.long
+        order = torch.randperm(n, generator=g, dtype=index) if self.shuffle else torch.arange(n, dtype=index)
         chunk = self.bucket_factor * self._estimated_batch_size()
         parts: list[Tensor] = []
         sizes: list[int] = []
@@ -132,13 +135,13 @@ class BucketBatchSampler:
             lens, perm = torch.sort(self.lengths[idx], stable=True)
             parts.append(idx[perm])
             sizes.extend(self._cut(lens.tolist()))
-        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=index)
         size = torch.tensor(sizes, dtype=torch.long)
         if self.shuffle and len(sizes):
             new_order = torch.randperm(len(sizes), generator=g)
-            rank = torch.empty_like(new_order)
-            rank[new_order] = torch.arange(len(sizes))
-            batch_of = torch.repeat_interleave(torch.arange(len(sizes)), size)
+            rank = torch.empty(len(sizes), dtype=torch.int32)
+            rank[new_order] = torch.arange(len(sizes), dtype=torch.int32)
+            batch_of = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), size)
             flat = flat[torch.sort(rank[batch_of], stable=True).indices]
             size = size[new_order]
         bounds = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(size, 0)])

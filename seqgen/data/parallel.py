@@ -98,6 +98,11 @@ def filter_by_length(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len
     return keep, len(src_ids) - len(keep)
 
 
+# Batches between releases of the memory-mapped corpus pages they read (TokenLists.release_pages): a long run
+# over a large prepared cache would otherwise count every page it ever touched in its RSS.
+RELEASE_EVERY = 500
+
+
 class ParallelBatches:
     """Bucketed batches of (source [B, S] + lengths, target [B, T+1] `bos ... eos`); a `BatchSource`.
 
@@ -116,10 +121,13 @@ class ParallelBatches:
         self.src = src_ids if isinstance(src_ids, TokenLists) else TokenLists.from_lists(src_ids)
         self.tgt = tgt_ids if isinstance(tgt_ids, TokenLists) else TokenLists.from_lists(tgt_ids)
         self.pad, self.bos, self.eos, self.src_eos = pad, bos, eos, src_eos
-        self.src_lengths = self.src.lengths() + int(src_eos)     # [N] tokens the encoder reads
-        self.tgt_lengths = self.tgt.lengths()                    # [N] target tokens without <bos>/<eos>
+        src_len = self.src.lengths() + np.int32(src_eos)          # [N] int32 tokens the encoder reads
+        tgt_len = self.tgt.lengths()                              # [N] int32 target tokens without <bos>/<eos>
+        self.src_tokens = int(src_len.sum(dtype=np.int64))        # totals for logs; the per-pair arrays are
+        self.tgt_tokens = int(tgt_len.sum(dtype=np.int64))        # not kept (only the sampler's cost is)
         # a batch's cost: its padded source or its target input/output (length + 1), whichever is longer
-        cost = np.maximum(self.src_lengths, self.tgt_lengths + 1)
+        cost = np.maximum(src_len, tgt_len + 1)
+        del src_len, tgt_len
         self.sampler = BucketBatchSampler(cost, max_tokens=max_tokens or None,
                                           batch_size=None if max_tokens else batch_size,
                                           shuffle=shuffle, seed=seed)
@@ -138,5 +146,8 @@ class ParallelBatches:
 
     def iter_batches(self, epoch: int, start: int = 0, stop: int | None = None, step: int = 1) -> Iterator[Batch]:
         """Batches [start:stop:step] of the epoch's list (a process's share under data parallelism)."""
-        for b in range(self.num_batches(epoch))[start:stop:step]:
+        for i, b in enumerate(range(self.num_batches(epoch))[start:stop:step]):
+            if i % RELEASE_EVERY == RELEASE_EVERY - 1:
+                self.src.release_pages()
+                self.tgt.release_pages()
             yield self.make_batch(self.sampler.batch(epoch, b))

@@ -6,6 +6,7 @@ prepared-data cache) instead of a Python list per sentence.
 """
 from __future__ import annotations
 
+import mmap
 from typing import Sequence
 
 import numpy as np
@@ -13,11 +14,31 @@ import torch
 from torch import Tensor
 
 
+_CHUNK = 1 << 20          # lists per step of `lengths`
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop this process's resident pages of a read-only memory-mapped array (np.memmap, or a view of one).
+
+    The pages stay in the kernel's page cache, so touching them again is a cheap minor fault, but they stop
+    counting in the process's RSS: a run that reads through a prepared-data cache of any size keeps its resident
+    memory at what it is using now, not at all it has read. Does nothing for an array in ordinary memory.
+    """
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(base, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            base.madvise(mmap.MADV_DONTNEED)     # a shared read-only mapping: nothing is lost, only unmapped
+        except (OSError, ValueError):
+            pass
+
+
 class TokenLists:
     """Token lists: list i is ids[offsets[rows[i]]:offsets[rows[i] + 1]].
 
     ids: [total] any integer dtype (uint16/uint32 on disk), offsets: [M + 1] int64 ascending from 0,
-    rows: [N] int64, the lists in view (None: all M); `take` selects rows without copying any token.
+    rows: [N] int32 or int64, the lists in view (None: all M); `take` selects rows without copying any token.
     """
 
     def __init__(self, ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray | None = None):
@@ -44,9 +65,22 @@ class TokenLists:
         return self.offsets[rows], self.offsets[rows + 1]
 
     def lengths(self) -> np.ndarray:
-        """Tokens per list [N] int64."""
-        starts, ends = self._starts_ends()
-        return np.asarray(ends - starts, dtype=np.int64)
+        """Tokens per list [N] int32 (4 bytes a list: a corpus of 10M pairs holds its lengths in 40 MB each side).
+
+        Read in chunks, so no int64 array of the whole corpus is made; memory-mapped offsets read through here
+        are then released from this process's resident memory (`release_pages`)."""
+        n = len(self)
+        out = np.empty(n, dtype=np.int32)
+        for a in range(0, n, _CHUNK):
+            starts, ends = self._starts_ends(np.arange(a, min(n, a + _CHUNK), dtype=np.int64))
+            out[a:a + len(starts)] = ends - starts
+        release_pages(self.offsets)
+        return out
+
+    def release_pages(self) -> None:
+        """Release the resident pages of memory-mapped ids and offsets (see `release_pages`)."""
+        release_pages(self.ids)
+        release_pages(self.offsets)
 
     def __getitem__(self, i: int) -> list[int]:
         start, end = self._starts_ends(np.asarray([i], dtype=np.int64))
@@ -54,7 +88,9 @@ class TokenLists:
 
     def take(self, rows: np.ndarray) -> TokenLists:
         """The lists at positions `rows` [K] (int64), as a view: no token is copied."""
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.asarray(rows)
+        if rows.dtype not in (np.int32, np.int64):
+            rows = rows.astype(np.int64)
         return TokenLists(self.ids, self.offsets, rows if self.rows is None else self.rows[rows])
 
     def padded(self, idx: Sequence[int] | Tensor, pad: int, *, prefix: int | None = None,

@@ -240,9 +240,12 @@ def prepared_batches(prepared: PreparedPairs, src_codec: TextCodec, tgt_codec: T
     batches for the same pairs and seed, with the lengths as arrays and no Python list per sentence."""
     src_len, tgt_len = prepared.src.lengths(), prepared.tgt.lengths()
     keep = np.flatnonzero((src_len <= data.max_len) & (tgt_len <= data.max_len))
-    dropped = len(src_len) - len(keep)
+    keep = keep.astype(np.int32) if len(src_len) < 2 ** 31 else keep      # 4 bytes a kept pair
+    total = len(src_len)
+    dropped = total - len(keep)
+    del src_len, tgt_len
     if dropped and warn is not None:
-        warn(warning(f"{name}: filtered {dropped} of {len(src_len)} pair(s) longer than --max-len "
+        warn(warning(f"{name}: filtered {dropped} of {total} pair(s) longer than --max-len "
                      f"{data.max_len} tokens"))
     if not len(keep):
         raise SeqgenError(f"{name}: every pair is longer than --max-len {data.max_len} tokens; raise --max-len")
@@ -366,8 +369,7 @@ def train_translation(run: TranslationRunConfig, out_dir: str, *, resume: bool =
     if resume_path:
         trainer.resume(resume_path)
     else:
-        n_src = int(data.src_lengths.sum())
-        n_tgt = int(data.tgt_lengths.sum()) + len(data)
+        n_src, n_tgt = data.src_tokens, data.tgt_tokens + len(data)
         vocab = (f"joint vocabulary {len(tgt_codec.vocab)}" if src_codec is tgt_codec or src_codec == tgt_codec
                  else f"vocabularies {len(src_codec.vocab)} / {len(tgt_codec.vocab)}")
         trainer.log(f"{train_name}: {len(data):,} pairs ({n_src:,} source / {n_tgt:,} target tokens), "
