@@ -24,19 +24,12 @@ import time
 import torch
 
 from seqgen.allocator import tune_cpu_allocator
-from seqgen.bench import print_rows
+from seqgen.bench import print_rows, process_memory
 
 
 def rss_mib(pid: int) -> float:
     """Resident set size of `pid` in MiB (0 when it has gone)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return process_memory(pid).get("rss", 0.0)
 
 
 def children(pid: int) -> list[int]:

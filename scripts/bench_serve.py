@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 
-from seqgen.bench import print_rows
+from seqgen.bench import print_rows, process_memory
 
 
 def free_port() -> int:
@@ -34,11 +34,7 @@ def free_port() -> int:
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return process_memory(pid).get("rss", float("nan"))
 
 
 def multipart(data: bytes, fields: dict[str, str]) -> tuple[bytes, str]:

@@ -376,6 +376,23 @@ def _si(x: float) -> str:
     return f"{x:.3g} FLOP"
 
 
+def process_memory(pid: int) -> dict[str, float]:
+    """Resident memory of process `pid` in MiB from Linux's /proc/PID/status: {"rss", "anon", "file"} (VmRSS,
+    RssAnon: its own memory, RssFile: mapped files such as shared libraries and memory-mapped data); {} when the
+    process has gone or /proc is not there. The one reader of it for the benchmark scripts."""
+    fields = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                key = line.split(None, 1)[0] if line.strip() else ""
+                if key in fields:
+                    out[fields[key]] = int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

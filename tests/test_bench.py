@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -99,3 +100,13 @@ def test_bench_all_prints_every_row_and_writes_json(tmp_path):
 def test_bench_refuses_bad_flags(capsys):
     assert main(["bench", "--seconds", "0"]) == 2
     assert "--seconds must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_process_memory_reads_this_process_and_nothing_for_a_gone_one():
+    from seqgen.bench import process_memory
+    mem = process_memory(os.getpid())
+    assert set(mem) == {"rss", "anon", "file"} and mem["rss"] > 10
+    assert abs(mem["rss"] - mem["anon"] - mem["file"]) < 0.05 * mem["rss"] + 16   # RssShmem is the rest
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert process_memory(int(done.stdout)) == {}
