@@ -328,7 +328,7 @@ def test_torchrun_runs_the_cli_unchanged(tmp_path):
     output = proc.stdout + proc.stderr
     assert output.count("done: 6 steps") == 1, output          # process 0 alone prints
     assert output.count("eval step 3:") == 1 and output.count("step 2 | epoch 0") == 1, output
-    assert sorted(os.listdir(tmp_path / "ddp")) == ["best.pt", "last.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["best.pt", "last.pt", "metrics.jsonl", "prepared"]
     steps = [r["step"] for r in _metrics(tmp_path / "ddp") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
     one = subprocess.run([sys.executable, "-m", "seqgen.cli", *_lm_argv(text, tmp_path / "one"), "--accumulate", "2"],

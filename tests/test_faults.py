@@ -490,8 +490,9 @@ def test_disk_full_inside_torch_save_is_one_line_and_keeps_the_previous_checkpoi
     from seqgen.tasks.lm import train_lm
     text, out = _write_text(tmp_path / "text.txt"), tmp_path / "run"
     snapshot = {}
-    # saves at steps 0, 3, 6: the third one fails inside torch.save
-    _fill_disk_at(monkeypatch, "wb", 3, lambda: snapshot.setdefault("last", (out / "last.pt").read_bytes()))
+    # the fitted vocabulary (OUT/prepared/vocab-*.pt), then saves at steps 0, 3, 6: the third save fails inside
+    # torch.save
+    _fill_disk_at(monkeypatch, "wb", 4, lambda: snapshot.setdefault("last", (out / "last.pt").read_bytes()))
     with pytest.raises(SeqgenError, match=r"last.pt: cannot save the checkpoint of step 6 \(No space left on "
                                           r"device\); the previous one is intact: free space and continue"):
         train_lm(_lm_run(text), str(out), log=lambda m: None)

@@ -222,7 +222,7 @@ def test_a_second_training_run_in_a_locked_run_folder_is_refused_and_touches_not
     assert not (tmp_path / "new").exists()          # the holder made it for its lock, and removed it
     status, _, err = cli(capsys, "train", "lm", "--text", text, "--out", out, *TINY_LM, "--resume", "--max-steps", 4)
     assert status == 0, err
-    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "metrics.jsonl"]     # the lock file went with the run
+    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "metrics.jsonl", "prepared"]   # the lock file went
 
 
 def test_a_second_writer_of_a_locked_output_file_is_refused(captioner, translator, tmp_path, capsys):

@@ -8,22 +8,31 @@ Every caption of every training image is one example (an image with 5 captions i
 With a frozen backbone training batches carry cached features (`CachedCaptionBatches`, `Batch.source` an
 `EncoderOutput`); otherwise images are decoded in DataLoader workers (`ImageCaptionBatches`). Both are
 length-bucketed and deterministic for (seed, epoch), so a resumed run continues exactly.
+
+The training captions' ids are one flat `TokenLists` in memory (`bos ... eos` of every kept caption, uint16/
+uint32, plus int64 offsets), built once per run, not a Python list per caption; they do not go through the
+on-disk prepared-data cache because a captioning corpus is small to tokenize (Flickr8k: 40k captions, COCO:
+600k, a few seconds) next to the images and features that a captioning run reads anyway.
 """
 from __future__ import annotations
 
 import os
 import random
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Callable, Iterable, Iterator, Literal, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from seqgen.config import MAX_VOCAB, Bounds, Count, File, Folder, Positive, Tokens
 from seqgen.data.batch import Batch
-from seqgen.data.batching import BucketBatchSampler, pad_sequences
+from seqgen.data.batching import BucketBatchSampler
 from seqgen.data.images import (ImageError, ImageFolderDataset, collate_images, loader_generator, read_captions,
                                 read_split)
+from seqgen.data.prepared import ids_dtype
+from seqgen.data.token_lists import TokenLists
 from seqgen.encoders.base import EncoderOutput
 from seqgen.errors import SeqgenError
 from seqgen.tokenizers import TextCodec
@@ -189,25 +198,35 @@ def load_test_split(images: str, captions_path: str, split: str = "", *, allow_o
     return names, {n: captions[n] for n in names}
 
 
-def _targets(codec: TextCodec, captions: Iterable[str], max_len: int) -> tuple[list[list[int]], list[int]]:
-    """`bos ... eos` ids of each caption no longer than max_len tokens, and the positions kept."""
-    out, kept = [], []
+def _targets(codec: TextCodec, captions: Iterable[str], max_len: int) -> tuple[TokenLists, np.ndarray]:
+    """`bos ... eos` ids of each caption no longer than max_len tokens, and the positions kept [K] int64."""
+    bos, eos = codec.vocab.bos, codec.vocab.eos
+    flat, lengths, kept = array("q"), array("q"), array("q")     # growing int64 arrays, no Python int each
     for i, c in enumerate(captions):
         ids = codec.encode(c)
         if 0 < len(ids) <= max_len:
-            out.append([codec.vocab.bos, *ids, codec.vocab.eos])
+            flat.append(bos)
+            flat.extend(ids)
+            flat.append(eos)
+            lengths.append(len(ids) + 2)
             kept.append(i)
-    return out, kept
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(np.frombuffer(lengths, dtype=np.int64), out=offsets[1:])
+    ids = np.frombuffer(flat, dtype=np.int64).astype(ids_dtype(len(codec.vocab)))
+    return TokenLists(ids, offsets), np.frombuffer(kept, dtype=np.int64)
 
 
 class CaptionExamples:
-    """One example per (image, caption): `image_of[i]` is the image row of target `targets[i]`."""
+    """One example per (image, caption): `image_of[i]` is the image row of target `targets[i]`.
+
+    targets: TokenLists of the kept captions' `bos ... eos` ids; image_of: [K] int64; names: the image rows.
+    """
 
     def __init__(self, names: Sequence[str], captions: dict[str, list[str]], codec: TextCodec, max_len: int):
-        flat = [(row, c) for row, n in enumerate(names) for c in captions[n]]
-        self.targets, kept = _targets(codec, (c for _, c in flat), max_len)
-        self.image_of = [flat[i][0] for i in kept]
-        self.dropped = len(flat) - len(kept)
+        rows = array("q", (row for row, n in enumerate(names) for _ in captions[n]))
+        self.targets, kept = _targets(codec, (c for n in names for c in captions[n]), max_len)
+        self.image_of = np.frombuffer(rows, dtype=np.int64)[kept]
+        self.dropped = len(rows) - len(kept)
         self.names = list(names)
 
     def __len__(self) -> int:
@@ -223,7 +242,7 @@ class CachedCaptionBatches:
     def __init__(self, cache: FeatureCache, rows: Sequence[int], examples: CaptionExamples, *, pad: int,
                  batch_size: int, seed: int):
         self.cache, self.rows, self.examples, self.pad = cache, list(rows), examples, pad
-        self.sampler = BucketBatchSampler([len(t) for t in examples.targets], batch_size=batch_size,
+        self.sampler = BucketBatchSampler(examples.targets.lengths(), batch_size=batch_size,
                                           shuffle=True, seed=seed)
 
     def num_batches(self, epoch: int) -> int:
@@ -233,8 +252,8 @@ class CachedCaptionBatches:
         """Batches [start:stop:step] of the epoch's list (a process's share under data parallelism)."""
         ex = self.examples
         for idx in self.sampler.batches(epoch)[start:stop:step]:
-            target, _ = pad_sequences([ex.targets[i] for i in idx], self.pad)
-            source = self.cache.get_rows([self.rows[ex.image_of[i]] for i in idx])
+            target, _ = ex.targets.padded(idx, self.pad)
+            source = self.cache.get_rows([self.rows[r] for r in ex.image_of[idx].tolist()])
             yield Batch(target=target, source=source, index=torch.as_tensor(idx, dtype=torch.long))
 
 
@@ -263,7 +282,8 @@ class CachedImageBatches:
 
 
 class _CaptionImageDataset(torch.utils.data.Dataset):
-    """example index -> (index, image tensor | None, reason | None, target ids): errors are data."""
+    """example index -> (index, image tensor | None, reason | None): errors are data (the collate function
+    takes the targets from the examples)."""
 
     def __init__(self, paths: Sequence[str], examples: CaptionExamples, transform: Callable):
         self.images = ImageFolderDataset(paths, transform)
@@ -273,8 +293,8 @@ class _CaptionImageDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int):
-        _, image, reason = self.images[self.examples.image_of[i]]
-        return i, image, reason, self.examples.targets[i]
+        _, image, reason = self.images[int(self.examples.image_of[i])]
+        return i, image, reason
 
 
 class _CaptionCollate:
@@ -282,12 +302,13 @@ class _CaptionCollate:
         self.pad, self.paths, self.examples = pad, paths, examples
 
     def __call__(self, items):
-        failed = [(self.paths[self.examples.image_of[i]], r) for i, x, r, _ in items if x is None]
+        failed = [(self.paths[int(self.examples.image_of[i])], r) for i, x, r in items if x is None]
         if failed:
             return None, failed
-        target, _ = pad_sequences([t for *_, t in items], self.pad)
-        return Batch(target=target, source=torch.stack([x for _, x, _, _ in items]),
-                     index=torch.as_tensor([i for i, *_ in items], dtype=torch.long)), []
+        index = [i for i, _, _ in items]
+        target, _ = self.examples.targets.padded(index, self.pad)
+        return Batch(target=target, source=torch.stack([x for _, x, _ in items]),
+                     index=torch.as_tensor(index, dtype=torch.long)), []
 
 
 class ImageCaptionBatches:
@@ -301,7 +322,7 @@ class ImageCaptionBatches:
                  batch_size: int, seed: int, num_workers: int = 2, pin_memory: bool = False):
         self.paths, self.examples, self.transform, self.pad = list(paths), examples, transform, pad
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.sampler = BucketBatchSampler([len(t) for t in examples.targets], batch_size=batch_size,
+        self.sampler = BucketBatchSampler(examples.targets.lengths(), batch_size=batch_size,
                                           shuffle=True, seed=seed)
 
     def num_batches(self, epoch: int) -> int:

@@ -5,8 +5,9 @@ Lines are read as `seqgen.data.text.read_lines` reads them (UTF-8, a BOM and CRL
 file:line:col, a line longer than MAX_LINE_BYTES refused) and paired as `seqgen.data.parallel` pairs them
 (stripped; a pair with an empty side skipped and counted), but memory holds a few chunks, never a file.
 
-What a worker does with a chunk is a job: "count" (token counts of each side, for a char/word vocabulary)
-or "encode" (token ids of each side, for the prepared-data cache). A job travels to the workers as plain data
+What a worker does with a chunk is a job: "count" (token counts of each side, for a char/word vocabulary),
+"encode" (token ids of each side, for the prepared-data cache) or "stream" (the token ids of a piece of one
+long text, for the language-model cache of seqgen.data.prepared_stream, which cuts the pieces itself). A job travels to the workers as plain data
 (codecs as `TextCodec.to_dict()`), so the pool starts with "spawn" and no state is shared with the parent.
 """
 from __future__ import annotations
@@ -112,12 +113,15 @@ _JOB: dict[str, Any] = {}
 
 
 def _start(job: dict[str, Any]) -> None:
-    """Set up this process for `job`: {"kind": "count", "level": ..., "sources": Sources} or
-    {"kind": "encode", "src": codec dict, "tgt": codec dict, "sources": Sources}."""
+    """Set up this process for `job`: {"kind": "count", "level": ..., "sources": Sources},
+    {"kind": "encode", "src": codec dict, "tgt": codec dict, "sources": Sources} or
+    {"kind": "stream", "codec": codec dict}."""
     _JOB.clear()
     _JOB.update(job)
     if job["kind"] == "count":
         _JOB["tokenizer"] = make_tokenizer(job["level"])
+    elif job["kind"] == "stream":
+        _JOB["codec"] = TextCodec.from_dict(job["codec"])
     else:
         _JOB["codecs"] = (TextCodec.from_dict(job["src"]), TextCodec.from_dict(job["tgt"]))
 
@@ -130,8 +134,11 @@ def _ids(codec: TextCodec, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
-def _work(task: tuple[int, list[bytes]]) -> tuple:
-    """One chunk through the job: (stats, counts src, counts tgt) or (stats, (ids, lengths) src, ... tgt)."""
+def _work(task: tuple[int, list[bytes]] | str) -> tuple | np.ndarray:
+    """One chunk through the job: (stats, counts src, counts tgt), (stats, (ids, lengths) src, ... tgt), or
+    for "stream" (task: a piece of text) its token ids, one flat uint32 array."""
+    if _JOB["kind"] == "stream":
+        return _ids(_JOB["codec"], [task])[0]
     src, tgt, stats = chunk_pairs(_JOB["sources"], *task)
     if _JOB["kind"] == "count":
         tok = _JOB["tokenizer"]
@@ -141,17 +148,20 @@ def _work(task: tuple[int, list[bytes]]) -> tuple:
 
 
 def map_chunks(sources: Sources, job: dict[str, Any], *, workers: int | None = None) -> Iterator[tuple]:
-    """`job` applied to every chunk of `sources`, results in file order. With more than one chunk and more
-    than one worker, a pool of `workers` processes (default: every core) does the work while this process
-    reads ahead, at most two chunks per worker in flight; otherwise this process does it."""
-    job = {**job, "sources": sources}
-    chunks = read_chunks(sources)
-    head = list(islice(chunks, 2))
+    """`job` applied to every chunk of `sources`, results in file order (see `map_tasks`)."""
+    return map_tasks(read_chunks(sources), {**job, "sources": sources}, workers=workers)
+
+
+def map_tasks(tasks: Iterator, job: dict[str, Any], *, workers: int | None = None) -> Iterator:
+    """`job` applied to every task (a chunk of lines, a piece of text), results in order. With more than one
+    task and more than one worker, a pool of `workers` processes (default: every core) does the work while
+    this process reads ahead, at most two tasks per worker in flight; otherwise this process does it."""
+    head = list(islice(tasks, 2))
     workers = default_workers() if workers is None else workers
     if len(head) < 2 or workers <= 1:
         _start(job)
         try:
-            for task in chain(head, chunks):
+            for task in chain(head, tasks):
                 yield _work(task)
         finally:
             _JOB.clear()
@@ -159,7 +169,7 @@ def map_chunks(sources: Sources, job: dict[str, Any], *, workers: int | None = N
     # leaving the block (done, an error, a kill) terminates the workers
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_start, initargs=(job,)) as pool:
         pending: deque = deque()
-        for task in chain(head, chunks):
+        for task in chain(head, tasks):
             pending.append(pool.apply_async(_work, (task,)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()

@@ -1,7 +1,11 @@
-"""The prepared-data cache: a parallel corpus tokenized once (on every core) into flat token-id arrays on disk,
+"""The prepared-data cache: a corpus tokenized once (on every core) into flat token-id arrays on disk,
 memory-mapped by every later run, --resume included.
 
-One cache is a folder PREPARED_DIR/pairs-KEY, KEY a digest of what its content depends on: the format
+This module holds what every kind of cache shares (the header, the checksums, the atomic temporary folder,
+the removal of orphans: `read_header`, `open_arrays`, `ArrayWriter`, `build_folder`) and the parallel-pairs
+kind; seqgen.data.prepared_stream holds the language-model kind (one token stream, PREPARED_DIR/stream-KEY).
+
+One pairs cache is a folder PREPARED_DIR/pairs-KEY, KEY a digest of what its content depends on: the format
 version, each input file (size, mtime, and sha256 as seqgen.data.text.file_digest takes it) and the two
 codecs (tokenizer model bytes and vocabulary). A changed file or vocabulary gives another KEY, so a cache is
 never read for other data. The folder holds
@@ -12,7 +16,7 @@ never read for other data. The folder holds
     header.json               version, key, inputs, counts (lines, pairs, skipped pairs, tokens), dtype, and
                               the size and sha256 of every array file
 
-It is written in a temporary folder `.tmp-pairs-PID-XXXX` next to it and renamed into place when complete,
+Every kind is written in a temporary folder `.tmp-KIND-PID-XXXX` next to it and renamed into place when complete,
 so a kill leaves no folder a run would read; a later build removes the temporary folders of processes that are
 gone. Opening checks the header, the sizes and the checksums: a cache that fails is rebuilt, never trusted.
 """
@@ -95,9 +99,15 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def open_prepared(folder: str, key: str) -> PreparedPairs:
-    """Open the cache in `folder` made for `key`; SeqgenError saying why it cannot be trusted (absent, another
-    key or format, a file of the wrong size or checksum)."""
+# -- what every kind of cache shares ----------------------------------------------------------------------
+def ids_dtype(vocab_size: int) -> type:
+    """The smallest array dtype for token ids below `vocab_size`: uint16 up to 65,536 ids, else uint32."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def read_header(folder: str, key: str) -> dict:
+    """The header.json of the cache in `folder` made for `key`; SeqgenError saying why it cannot be trusted
+    (absent, unreadable, another key or format)."""
     try:
         with open(os.path.join(folder, HEADER), encoding="utf-8") as f:
             header = json.load(f)
@@ -107,6 +117,13 @@ def open_prepared(folder: str, key: str) -> PreparedPairs:
         raise SeqgenError(f"{folder}/{HEADER}: unreadable ({e})") from None
     if not isinstance(header, dict) or header.get("version") != FORMAT_VERSION or header.get("key") != key:
         raise SeqgenError(f"{folder}/{HEADER}: not the header of this data's cache (format {FORMAT_VERSION})")
+    return header
+
+
+def open_arrays(folder: str, header: dict) -> dict[str, np.ndarray]:
+    """{file name: read-only memory map} of every array file the header lists, each checked against the
+    header's size and sha256 ("*.offsets" int64, the others header["dtype"]); SeqgenError naming the file that
+    fails (a corrupt or incomplete cache)."""
     arrays = {}
     try:
         dtype = np.dtype(header["dtype"])
@@ -117,25 +134,57 @@ def open_prepared(folder: str, key: str) -> PreparedPairs:
             file_dtype = np.int64 if name.endswith(".offsets") else dtype
             # numpy cannot map an empty file
             arrays[name] = np.memmap(path, dtype=file_dtype, mode="r") if size else np.zeros(0, file_dtype)
-        lists = {side: TokenLists(arrays[f"{side}.ids"], arrays[f"{side}.offsets"]) for side in _SIDES}
     except SeqgenError:
         raise
-    except (OSError, KeyError, TypeError, ValueError) as e:
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise SeqgenError(f"{folder}: an incomplete or corrupt cache ({e})") from None
-    if not all(len(lists[s]) == header["pairs"] and lists[s].offsets[-1] == len(lists[s].ids) for s in _SIDES):
-        raise SeqgenError(f"{folder}: its arrays do not match the counts in {HEADER} (a corrupt cache)")
-    return PreparedPairs(folder, header, lists["src"], lists["tgt"])
+    return arrays
 
 
-def _unwritable(prepared_dir: str, e: OSError) -> SeqgenError:
+class ArrayWriter:
+    """The array files of a cache being written in `folder`: `put` appends to one and hashes it; `finish`
+    syncs them and returns the header's {name: [size, sha256]}."""
+
+    def __init__(self, folder: str, names: list[str]):
+        self.folder = folder
+        self.files = {}
+        try:
+            for name in names:
+                self.files[name] = open(os.path.join(folder, name), "wb")
+        except OSError:
+            self.close()
+            raise
+        self.hashes = {name: hashlib.sha256() for name in names}
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        data = array.tobytes()
+        self.files[name].write(data)
+        self.hashes[name].update(data)
+
+    def finish(self) -> dict[str, list]:
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        self.close()
+        return {name: [os.path.getsize(os.path.join(self.folder, name)), self.hashes[name].hexdigest()]
+                for name in self.files}
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def unwritable(prepared_dir: str, e: OSError) -> SeqgenError:
+    """The one-line error for a prepared-data folder that cannot be written (read-only, full)."""
     return SeqgenError(f"--prepared-dir {prepared_dir}: cannot write the prepared data ({e.strerror or e}); "
                        f"free space there or choose another --prepared-dir")
 
 
 def _remove_orphans(prepared_dir: str) -> None:
-    """Delete the temporary folders that builds killed on the way left (their process is gone)."""
+    """Delete the temporary folders (`.tmp-KIND-PID-XXXX`, any kind) that builds killed on the way left (their
+    process is gone)."""
     for name in os.listdir(prepared_dir):
-        if not name.startswith(".tmp-pairs-"):
+        if not name.startswith(".tmp-"):
             continue
         try:
             pid = int(name.split("-")[2])
@@ -147,40 +196,92 @@ def _remove_orphans(prepared_dir: str) -> None:
             continue
 
 
+def changed_input(inputs: dict[str, dict]) -> str | None:
+    """The first input file whose digest now differs from `inputs` (input_digests' answer), or None."""
+    for path, digest in inputs.items():
+        if file_digest(path) != digest:
+            return path
+    return None
+
+
+def build_folder(prepared_dir: str, folder: str, kind: str, header: dict, write: Callable[[str], dict]) -> None:
+    """Make the cache `folder` in `prepared_dir` atomically: `write(tmp)` fills a temporary folder
+    `.tmp-KIND-PID-XXXX` and returns the header's counts and files, which join `header` (version, key,
+    inputs) in header.json; the folder is then renamed into place (replacing a refused one). On any failure
+    the temporary folder goes, and `prepared_dir` too when this call made it and it is empty.
+
+    SeqgenError when an input of header["inputs"] changed while it was written, or (via `unwritable`) when
+    `prepared_dir` cannot be written."""
+    made = not os.path.isdir(prepared_dir)
+    tmp = None
+    try:
+        try:
+            os.makedirs(prepared_dir, exist_ok=True)
+            _remove_orphans(prepared_dir)
+            tmp = tempfile.mkdtemp(prefix=f".tmp-{kind}-{os.getpid()}-", dir=prepared_dir)
+            header = {"version": FORMAT_VERSION, **header, **write(tmp)}
+            changed = changed_input(header["inputs"])
+            if changed:
+                raise SeqgenError(f"{changed}: changed while it was being prepared; run again once it is complete")
+            atomic_write(os.path.join(tmp, HEADER), lambda f: json.dump(header, f, indent=1), mode="w",
+                         encoding="utf-8")
+            fsync_dir(tmp)
+            if os.path.exists(folder):
+                shutil.rmtree(folder)      # a corrupt or incomplete one: it was just refused
+            os.rename(tmp, folder)
+            tmp = None
+            fsync_dir(prepared_dir)
+        except OSError as e:
+            raise unwritable(prepared_dir, e) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if made:
+                try:
+                    os.rmdir(prepared_dir)     # only if empty: a failed first run leaves nothing behind
+                except OSError:
+                    pass
+
+
+# -- the pairs kind ---------------------------------------------------------------------------------------
+def open_prepared(folder: str, key: str) -> PreparedPairs:
+    """Open the pairs cache in `folder` made for `key`; SeqgenError saying why it cannot be trusted (absent,
+    another key or format, a file of the wrong size or checksum)."""
+    header = read_header(folder, key)
+    arrays = open_arrays(folder, header)
+    try:
+        lists = {side: TokenLists(arrays[f"{side}.ids"], arrays[f"{side}.offsets"]) for side in _SIDES}
+        consistent = all(len(lists[s]) == header["pairs"] and lists[s].offsets[-1] == len(lists[s].ids)
+                         for s in _SIDES)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SeqgenError(f"{folder}: an incomplete or corrupt cache ({e})") from None
+    if not consistent:
+        raise SeqgenError(f"{folder}: its arrays do not match the counts in {HEADER} (a corrupt cache)")
+    return PreparedPairs(folder, header, lists["src"], lists["tgt"])
+
+
 def _write_arrays(tmp: str, sources: Sources, src: TextCodec, tgt: TextCodec, workers: int | None) -> dict:
     """Tokenize the corpus into the array files of `tmp`; returns the header's counts and files."""
-    dtype = np.uint16 if max(len(src.vocab), len(tgt.vocab)) <= 1 << 16 else np.uint32
+    dtype = ids_dtype(max(len(src.vocab), len(tgt.vocab)))
     job = {"kind": "encode", "src": src.to_dict(), "tgt": tgt.to_dict()}
-    files = {f"{side}.{kind}": open(os.path.join(tmp, f"{side}.{kind}"), "wb")
-             for side in _SIDES for kind in ("ids", "offsets")}
-    hashes = {name: hashlib.sha256() for name in files}
+    out = ArrayWriter(tmp, [f"{side}.{kind}" for side in _SIDES for kind in ("ids", "offsets")])
     stats, totals = [0, 0, 0, 0], {side: 0 for side in _SIDES}
-
-    def put(name: str, array: np.ndarray) -> None:
-        data = array.tobytes()
-        files[name].write(data)
-        hashes[name].update(data)
-
     try:
         for side in _SIDES:
-            put(f"{side}.offsets", np.zeros(1, dtype=np.int64))
+            out.put(f"{side}.offsets", np.zeros(1, dtype=np.int64))
         for part_stats, *sides in map_chunks(sources, job, workers=workers):
             stats = [a + b for a, b in zip(stats, part_stats)]
             for side, (ids, lengths) in zip(_SIDES, sides):
-                put(f"{side}.ids", ids.astype(dtype))
-                put(f"{side}.offsets", totals[side] + np.cumsum(lengths))
+                out.put(f"{side}.ids", ids.astype(dtype))
+                out.put(f"{side}.offsets", totals[side] + np.cumsum(lengths))
                 totals[side] += int(lengths.sum())
-        for f in files.values():
-            f.flush()
-            os.fsync(f.fileno())
+        files = out.finish()
     finally:
-        for f in files.values():
-            f.close()
+        out.close()
     check_pairs(sources, stats)
     lines, skipped = stats[0], stats[1]
     return {"lines": lines, "pairs": lines - skipped, "skipped": skipped, "dtype": np.dtype(dtype).name,
-            "tokens": totals, "files": {name: [os.path.getsize(os.path.join(tmp, name)), hashes[name].hexdigest()]
-                                        for name in files}}
+            "tokens": totals, "files": files}
 
 
 def prepare_pairs(sources: Sources, src: TextCodec, tgt: TextCodec, prepared_dir: str, *,
@@ -200,37 +301,10 @@ def prepare_pairs(sources: Sources, src: TextCodec, tgt: TextCodec, prepared_dir
         except SeqgenError as e:
             log(warning(f"rebuilding the prepared data of {sources.name}: {e}"))
     t0 = time.perf_counter()
-    made = not os.path.isdir(prepared_dir)
-    tmp = None
-    try:
-        try:
-            os.makedirs(prepared_dir, exist_ok=True)
-            _remove_orphans(prepared_dir)
-            tmp = tempfile.mkdtemp(prefix=f".tmp-pairs-{os.getpid()}-", dir=prepared_dir)
-            workers = default_workers() if workers is None else workers
-            header = {"version": FORMAT_VERSION, "key": key, "inputs": inputs,
-                      **_write_arrays(tmp, sources, src, tgt, workers)}
-            if input_digests(sources) != inputs:
-                changed = next(p for p, d in input_digests(sources).items() if d != inputs[p])
-                raise SeqgenError(f"{changed}: changed while it was being prepared; run again once it is complete")
-            atomic_write(os.path.join(tmp, HEADER), lambda f: json.dump(header, f, indent=1), mode="w",
-                         encoding="utf-8")
-            fsync_dir(tmp)
-            if os.path.exists(folder):
-                shutil.rmtree(folder)      # a corrupt or incomplete one: it was just refused
-            os.rename(tmp, folder)
-            tmp = None
-            fsync_dir(prepared_dir)
-        except OSError as e:
-            raise _unwritable(prepared_dir, e) from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if made:
-                try:
-                    os.rmdir(prepared_dir)     # only if empty: a failed first run leaves nothing behind
-                except OSError:
-                    pass
+    workers = default_workers() if workers is None else workers
+    build_folder(prepared_dir, folder, "pairs", {"key": key, "inputs": inputs},
+                 lambda tmp: _write_arrays(tmp, sources, src, tgt, workers))
+    header = read_header(folder, key)
     log(f"{sources.name}: tokenized {header['pairs']:,} pairs ({header['tokens']['src']:,} source / "
         f"{header['tokens']['tgt']:,} target tokens) into {folder} in {time.perf_counter() - t0:.1f}s "
         f"({workers} process(es))")
@@ -264,5 +338,5 @@ def cached_codecs(prepared_dir: str, key: dict, fit: Callable[[], tuple[TextCode
                 os.rmdir(prepared_dir)
             except OSError:
                 pass
-        raise _unwritable(prepared_dir, e) from None
+        raise unwritable(prepared_dir, e) from None
     return src, tgt, True

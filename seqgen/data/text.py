@@ -13,6 +13,7 @@ import os
 import stat
 from typing import BinaryIO, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -184,9 +185,12 @@ class LMBatches:
     Each epoch cuts the stream into windows of `seq_len` tokens starting at a random offset, shuffles
     them, and serves `batch_size` windows per batch as targets `[bos, x_i, ..., x_{i+seq_len-1}]`.
     Everything derives from (seed, epoch), so a run resumed at (epoch, batch) sees the same batches.
+
+    ids: [N] the stream, an int64 tensor or a numpy array (the uint16/uint32 memory map of a prepared-data
+    cache, seqgen.data.prepared_stream): only each batch's windows are read and widened to int64.
     """
 
-    def __init__(self, ids: Tensor, *, seq_len: int, batch_size: int, bos: int, seed: int = 0,
+    def __init__(self, ids: Tensor | np.ndarray, *, seq_len: int, batch_size: int, bos: int, seed: int = 0,
                  name: str = "the training text"):
         """name: the text's file, for the error when it is too short."""
         if len(ids) < seq_len + 1:
@@ -212,6 +216,10 @@ class LMBatches:
         cols = torch.arange(self.seq_len)
         for b in range(-(-len(starts) // self.batch_size))[start:stop:step]:
             s = starts[b * self.batch_size:(b + 1) * self.batch_size]
-            windows = self.ids[s.unsqueeze(1) + cols]                      # [B, seq_len]
+            pos = s.unsqueeze(1) + cols                                    # [B, seq_len]
+            if isinstance(self.ids, np.ndarray):
+                windows = torch.from_numpy(self.ids[pos.numpy()].astype(np.int64))
+            else:
+                windows = self.ids[pos]
             bos = torch.full((len(s), 1), self.bos, dtype=torch.long)
             yield Batch(target=torch.cat([bos, windows], dim=1))
