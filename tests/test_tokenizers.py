@@ -257,3 +257,21 @@ def test_subword_round_trip_on_text_of_seen_characters(subword, text):
     codec = TextCodec(subword, Vocab([*SPECIALS, *subword.pieces()]))
     assert codec.unknown(text) == []
     assert codec.decode(codec.encode(text)) == text
+
+
+@pytest.mark.parametrize("level", ["char", "word", "subword"])
+def test_encode_flat_equals_encode_batch(subword, level):
+    """The fast path (sentencepiece's own ids through one table) gives exactly the ids of looking up each piece:
+    plain sentences, line breaks, characters sentencepiece does not know, surrogates, specials spelled out."""
+    from itertools import chain
+
+    import numpy as np
+    texts = SENTENCES[:50] + ["", " ", "Kato\nrimu", "sen\r\npo", "Ωμέγα 中文 🙂 kato", "<eos> <pad> ka",
+                              "\ud800qua", "ÄÖÜ ß", "\t", SENTENCES[5] + " zzz"]
+    codec = (TextCodec(subword, Vocab([*SPECIALS, *(p for p in subword.pieces() if p not in SPECIALS)]))
+             if level == "subword" else TextCodec.build(level, SENTENCES[:100]))
+    flat, lengths = codec.encode_flat(texts)
+    want = codec.encode_batch(texts)
+    assert flat.dtype == lengths.dtype == np.int64
+    assert lengths.tolist() == [len(x) for x in want] and flat.tolist() == list(chain.from_iterable(want))
+    assert codec.vocab.unk in flat.tolist()               # the unknown characters took the lookup path

@@ -128,10 +128,8 @@ def _start(job: dict[str, Any]) -> None:
 
 def _ids(codec: TextCodec, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of `texts`: one flat uint32 array and the lengths [len(texts)] int64."""
-    encoded = codec.encode_batch(texts)
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    flat = np.fromiter(chain.from_iterable(encoded), dtype=np.uint32, count=int(lengths.sum()))
-    return flat, lengths
+    flat, lengths = codec.encode_flat(texts)
+    return flat.astype(np.uint32), lengths
 
 
 def _work(task: tuple[int, list[bytes]] | str) -> tuple | np.ndarray:
