@@ -122,28 +122,34 @@ class BucketBatchSampler:
         two tensors (int32 indices below 2**31 examples, int64 bounds), not a Python list per batch."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1], self._cache[2]
+        self._cache = None              # the previous epoch's plan goes before this one is made
         n = len(self.lengths)
         g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         index = torch.int32 if n < 2 ** 31 else torch.long
         order = torch.randperm(n, generator=g, dtype=index) if self.shuffle else torch.arange(n, dtype=index)
         chunk = self.bucket_factor * self._estimated_batch_size()
-        parts: list[Tensor] = []
+        # Memory: a few arrays of 4 bytes per example at a time (a corpus of millions is planned on top of a
+        # resumed model and its optimizer state, so what this allocates adds to the run's peak).
+        flat = torch.empty(n, dtype=index)
         sizes: list[int] = []
         for start in range(0, n, chunk):
             idx = order[start: start + chunk]
             # Stable sort: equal lengths keep their shuffled order, so ties differ between epochs too.
             lens, perm = torch.sort(self.lengths[idx], stable=True)
-            parts.append(idx[perm])
+            flat[start: start + len(idx)] = idx[perm]
             sizes.extend(self._cut(lens.tolist()))
-        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=index)
+        del order
         size = torch.tensor(sizes, dtype=torch.long)
         if self.shuffle and len(sizes):
             new_order = torch.randperm(len(sizes), generator=g)
-            rank = torch.empty(len(sizes), dtype=torch.int32)
-            rank[new_order] = torch.arange(len(sizes), dtype=torch.int32)
-            batch_of = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), size)
-            flat = flat[torch.sort(rank[batch_of], stable=True).indices]
+            # batch new_order[j] goes to position j, its examples keep their order: gather each batch's segment
+            starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(size, 0)[:-1]])
             size = size[new_order]
+            new_starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(size, 0)[:-1]])
+            gather = torch.repeat_interleave((starts[new_order] - new_starts).to(index), size)
+            gather += torch.arange(n, dtype=index)
+            flat = flat[gather]
+            del gather
         bounds = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(size, 0)])
         self._cache = (epoch, flat, bounds)
         return flat, bounds
