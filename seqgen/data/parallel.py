@@ -98,9 +98,12 @@ def filter_by_length(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len
     return keep, len(src_ids) - len(keep)
 
 
-# Batches between releases of the memory-mapped corpus pages they read (TokenLists.release_pages): a long run
-# over a large prepared cache would otherwise count every page it ever touched in its RSS.
-RELEASE_EVERY = 500
+# Batches between releases of the memory-mapped corpus pages they read (TokenLists.release_pages). Every page
+# fault on a mapped file also maps the cached pages around it (the kernel's fault-around; madvise(MADV_RANDOM)
+# does not stop it), so a batch of random pairs makes far more resident than it reads, and a run would count
+# most of the cache in its RSS within a few dozen steps: release after every batch (re-faulting costs about a
+# millisecond a batch, docs/performance.md).
+RELEASE_EVERY = 1
 
 
 class ParallelBatches:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from seqgen.data.batch import Batch
+from seqgen.data.token_lists import release_pages
 from seqgen.errors import SeqgenError
 
 MAX_FILE_BYTES = 2 << 30     # the most seqgen reads whole from one file or stream: 2 GiB
@@ -219,6 +220,7 @@ class LMBatches:
             pos = s.unsqueeze(1) + cols                                    # [B, seq_len]
             if isinstance(self.ids, np.ndarray):
                 windows = torch.from_numpy(self.ids[pos.numpy()].astype(np.int64))
+                release_pages(self.ids)      # what this batch mapped leaves the RSS (see seqgen.data.parallel)
             else:
                 windows = self.ids[pos]
             bos = torch.full((len(s), 1), self.bos, dtype=torch.long)
