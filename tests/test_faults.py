@@ -282,8 +282,10 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
             assert f"resumed from {out / 'last.pt'} at step {last} " in log.read_text()
         last = _check_run_folder(out)
         assert last == step
-        if i == 0:             # only the partial write, which is not a checkpoint (and the dead run's lock file)
-            assert [name.startswith(".tmp-last.pt-") for name in os.listdir(out) if name != RUN_FOLDER_LOCK] == [True]
+        if i == 0:             # only the partial write, which is not a checkpoint (besides the dead run's lock file
+            # and the run's own prepared data, OUT/prepared)
+            assert [name.startswith(".tmp-last.pt-") for name in os.listdir(out)
+                    if name not in (RUN_FOLDER_LOCK, "prepared")] == [True]
 
     # two kills from outside at random moments (after 1-3 progress lines), then the real CLI runs to the end
     rng = random.Random(7)
