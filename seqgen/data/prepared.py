@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -44,6 +44,7 @@ from seqgen.log import warning
 from seqgen.tokenizers import TextCodec
 
 FORMAT_VERSION = 1
+T = TypeVar("T")
 HEADER = "header.json"
 _SIDES = ("src", "tgt")
 
@@ -284,6 +285,17 @@ def _write_arrays(tmp: str, sources: Sources, src: TextCodec, tgt: TextCodec, wo
             "tokens": totals, "files": files}
 
 
+def open_existing(folder: str, opener: Callable[[], T], name: str, log: Callable[[str], None]) -> T | None:
+    """`opener()`'s cache when `folder` holds one that can be trusted; None when there is none, or (after a
+    warning to `log` naming the data `name`) when it fails its checks and is to be rebuilt."""
+    if os.path.isdir(folder):
+        try:
+            return opener()
+        except SeqgenError as e:
+            log(warning(f"rebuilding the prepared data of {name}: {e}"))
+    return None
+
+
 def prepare_pairs(sources: Sources, src: TextCodec, tgt: TextCodec, prepared_dir: str, *,
                   workers: int | None = None, log: Callable[[str], None] = lambda line: None) -> PreparedPairs:
     """The cache of `sources` tokenized by `src`/`tgt` in `prepared_dir`: opened when one matches, else built
@@ -295,11 +307,9 @@ def prepare_pairs(sources: Sources, src: TextCodec, tgt: TextCodec, prepared_dir
     inputs = input_digests(sources)
     key = cache_key(inputs, src, tgt)
     folder = os.path.join(prepared_dir, f"pairs-{key[:24]}")
-    if os.path.isdir(folder):
-        try:
-            return open_prepared(folder, key)
-        except SeqgenError as e:
-            log(warning(f"rebuilding the prepared data of {sources.name}: {e}"))
+    found = open_existing(folder, lambda: open_prepared(folder, key), sources.name, log)
+    if found is not None:
+        return found
     t0 = time.perf_counter()
     workers = default_workers() if workers is None else workers
     build_folder(prepared_dir, folder, "pairs", {"key": key, "inputs": inputs},

@@ -37,10 +37,9 @@ import numpy as np
 
 from seqgen.data.line_chunks import default_workers, map_tasks
 from seqgen.data.prepared import (FORMAT_VERSION, ArrayWriter, build_folder, codec_digest, ids_dtype, open_arrays,
-                                  read_header)
+                                  open_existing, read_header)
 from seqgen.data.text import file_digest, read_text
 from seqgen.errors import SeqgenError
-from seqgen.log import warning
 from seqgen.tokenizers import TextCodec
 
 PIECE_CHARS = 4 << 20    # characters per task: enough work to pay for sending it to a worker
@@ -147,11 +146,9 @@ def prepare_stream(path: str, codec: TextCodec, valid_fraction: float, prepared_
     inputs = text_inputs(path)
     key = stream_key(inputs, valid_fraction, codec)
     folder = os.path.join(prepared_dir, f"stream-{key[:24]}")
-    if os.path.isdir(folder):
-        try:
-            return open_stream(folder, key)
-        except SeqgenError as e:
-            log(warning(f"rebuilding the prepared data of {path}: {e}"))
+    found = open_existing(folder, lambda: open_stream(folder, key), path, log)
+    if found is not None:
+        return found
     t0 = time.perf_counter()
     workers = default_workers() if workers is None else workers
 
