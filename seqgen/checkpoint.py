@@ -27,6 +27,7 @@ import torch
 
 from seqgen.atomic import atomic_write
 from seqgen.errors import SeqgenError, cut_repr
+from seqgen.tensors import map_tensors
 
 FORMAT = "seqgen-checkpoint"
 VERSION = 2
@@ -152,18 +153,9 @@ def _payload_v2(outer: dict, path: str, map_location: str | torch.device) -> Any
     if digest != outer.get("sha256"):
         raise SeqgenError(f"{path}: checksum mismatch: the checkpoint is corrupt (truncated or modified)")
     if map_location != "cpu" and isinstance(payload, dict):
-        payload = _to_device(payload, torch.device(map_location))
+        device = torch.device(map_location)
+        payload = map_tensors(payload, lambda t: t.to(device))
     return payload
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_device(v, device) for v in obj]
-    return obj
 
 
 def _payload_v1(outer: dict, path: str, map_location: str | torch.device) -> Any:

@@ -149,3 +149,10 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     with pytest.raises(OSError):
         atomic_write(str(path), half_then_fail)
     assert path.read_text(encoding="utf-8") == "één\n" and os.listdir(path.parent) == ["out.txt"]
+
+
+def test_map_location_moves_every_tensor_after_the_check(tmp_path):
+    path = str(tmp_path / "a.pt")
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "trainer": {"optimizer": {"state": [torch.zeros(3)]}}})
+    back = load_checkpoint(path, map_location="meta")
+    assert back["model"]["w"].device.type == "meta" and back["trainer"]["optimizer"]["state"][0].device.type == "meta"
