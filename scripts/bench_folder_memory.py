@@ -18,46 +18,12 @@ import json
 import os
 import random
 import sys
-import threading
 import time
 
 import torch
 
 from seqgen.allocator import tune_cpu_allocator
-from seqgen.bench import print_rows, process_memory
-
-
-def rss_mib(pid: int) -> float:
-    """Resident set size of `pid` in MiB (0 when it has gone)."""
-    return process_memory(pid).get("rss", 0.0)
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-
-
-class RssSampler(threading.Thread):
-    """Samples (seconds, main RSS, summed worker RSS) every `every` seconds until stopped."""
-
-    def __init__(self, every: float):
-        super().__init__(daemon=True)
-        self.every, self.samples, self._done = every, [], threading.Event()
-        self.t0 = time.perf_counter()
-
-    def run(self) -> None:
-        pid = os.getpid()
-        while not self._done.is_set():
-            workers = sum(rss_mib(c) for c in children(pid))
-            self.samples.append((time.perf_counter() - self.t0, rss_mib(pid), workers))
-            self._done.wait(self.every)
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
+from seqgen.bench import MemorySampler, print_rows
 
 
 def make_folder(folder: str, n: int, size: int, seed: int) -> None:
@@ -119,8 +85,7 @@ def main() -> int:
     model = tiny_captioner(args.size, args.seed)
     os.makedirs(args.out, exist_ok=True)
     out_jsonl = os.path.join(args.out, "captions.jsonl")
-    sampler = RssSampler(args.sample_seconds)
-    sampler.start()
+    sampler = MemorySampler(os.getpid(), args.sample_seconds, children=True)
     time.sleep(2 * args.sample_seconds)           # a "start" sample before any image is listed
     summary = caption_folder(model, [args.folder], out_jsonl, GenerationConfig(beam=args.beam, max_len=12),
                              batch_size=args.batch_size, num_workers=args.num_workers, resume=False,
@@ -128,7 +93,7 @@ def main() -> int:
     time.sleep(2 * args.sample_seconds)
     sampler.stop()
 
-    s = sampler.samples
+    s = [(t, mem["rss"], workers) for t, mem, workers in sampler.samples]    # (seconds, main RSS, workers' RSS)
     start_main, end_main = s[0][1], s[-1][1]
     peak_main = max(m for _, m, _ in s)
     peak_workers = max(w for _, _, w in s)

@@ -22,10 +22,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-from seqgen.bench import print_rows, process_memory
+from seqgen.bench import MemorySampler, print_rows
 from seqgen.zoo.registry import ENTRIES
 
 
@@ -56,41 +55,34 @@ def recipe(data_dir: str, out: str, minutes: float, eval_every: int, seed: int) 
     return argv + ["--time-budget", str(minutes), "--device", "cpu", "--log-every", "25", "--out", out]
 
 
-class Sampler:
-    """The memory of one process every `period` seconds, with the log line it last printed."""
+class RunLog:
+    """The memory samples of a run (a `MemorySampler`) and the log lines it printed, with their times."""
 
     def __init__(self, pid: int, period: float = 0.25):
-        self.pid, self.period, self.t0 = pid, period, time.perf_counter()
-        self.samples: list[tuple[float, dict[str, float]]] = []
+        self.memory = MemorySampler(pid, period)
         self.events: list[tuple[float, str]] = []       # (time, log line)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            mem = process_memory(self.pid)
-            if mem:
-                self.samples.append((time.perf_counter() - self.t0, mem))
-            self._stop.wait(self.period)
+    @property
+    def samples(self) -> list[tuple[float, dict[str, float]]]:
+        return [(t, mem) for t, mem, _ in self.memory.samples]
 
     def note(self, line: str) -> None:
-        self.events.append((time.perf_counter() - self.t0, line))
+        self.events.append((time.perf_counter() - self.memory.t0, line))
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.memory.stop()
 
     def peak(self, start: float = 0.0, end: float = float("inf")) -> tuple[float, dict[str, float]] | None:
         inside = [s for s in self.samples if start <= s[0] <= end]
         return max(inside, key=lambda s: s[1]["rss"]) if inside else None
 
     def at(self, t: float) -> tuple[float, dict[str, float]] | None:
-        before = [s for s in self.samples if s[0] <= t]
-        return before[-1] if before else (self.samples[0] if self.samples else None)
+        samples = self.samples
+        before = [s for s in samples if s[0] <= t]
+        return before[-1] if before else (samples[0] if samples else None)
 
 
-def phases(sampler: Sampler) -> list[tuple[str, tuple[float, dict[str, float]] | None]]:
+def phases(sampler: RunLog) -> list[tuple[str, tuple[float, dict[str, float]] | None]]:
     """(label, sample) rows: training starts (the first log line of the run), the first step, and for each
     validation the last sample before it and its peak (from the training line of its step to its "eval" line)."""
     rows = []
@@ -112,7 +104,7 @@ def phases(sampler: Sampler) -> list[tuple[str, tuple[float, dict[str, float]] |
     return rows
 
 
-def draw(sampler: Sampler, path: str) -> None:
+def draw(sampler: RunLog, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -139,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print("seqgen " + " ".join(cmd[3:]), flush=True)
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sampler = Sampler(proc.pid)
+        sampler = RunLog(proc.pid)
         tail = []
         for line in proc.stdout:
             line = line.rstrip("\n")

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -391,6 +392,43 @@ def process_memory(pid: int) -> dict[str, float]:
     except (OSError, ValueError):
         return {}
     return out
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of process `pid` (Linux /proc); [] when it has gone or /proc is not there."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+class MemorySampler:
+    """`process_memory(pid)` every `every` seconds on a background thread, from construction until `stop()`.
+
+    samples: [(seconds since the start, {"rss", "anon", "file"} MiB, summed RSS MiB of pid's children)]; the
+    children are read only with children=True (a DataLoader's or a pool's workers), else 0.0.
+    """
+
+    def __init__(self, pid: int, every: float = 0.25, *, children: bool = False):
+        self.pid, self.every, self.children = pid, every, children
+        self.samples: list[tuple[float, dict[str, float], float]] = []
+        self.t0 = time.perf_counter()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            mem = process_memory(self.pid)
+            if mem:
+                kids = sum(process_memory(c).get("rss", 0.0) for c in child_pids(self.pid)) if self.children else 0.0
+                self.samples.append((time.perf_counter() - self.t0, mem, kids))
+            self._done.wait(self.every)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def machine_name(device: torch.device) -> str:

@@ -110,3 +110,42 @@ def test_process_memory_reads_this_process_and_nothing_for_a_gone_one():
     assert abs(mem["rss"] - mem["anon"] - mem["file"]) < 0.05 * mem["rss"] + 16   # RssShmem is the rest
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     assert process_memory(int(done.stdout)) == {}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_memory_sampler_reads_a_process_and_its_children():
+    from seqgen.bench import MemorySampler
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(64 << 20); time.sleep(30)"])
+    try:
+        import time
+        time.sleep(1.0)                     # the child has its 64 MiB
+        sampler = MemorySampler(os.getpid(), 0.05, children=True)
+        time.sleep(0.3)
+        sampler.stop()
+    finally:
+        child.kill()
+        child.wait()
+    assert len(sampler.samples) >= 3
+    t, mem, kids = sampler.samples[-1]
+    assert t > 0 and mem["rss"] > 10 and kids > 60
+    assert [s[0] for s in sampler.samples] == sorted(s[0] for s in sampler.samples)
+
+
+def test_train_memory_phases_from_log_lines():
+    """scripts/bench_train_memory.py: the rows it reports come from the samples around each log line."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_train_memory",
+                                                  os.path.join(ROOT, "scripts", "bench_train_memory.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = mod.RunLog(os.getpid(), 1000.0)       # one sample at start; the rest set by hand below
+    run.stop()
+    run.memory.samples[:] = [(float(t), {"rss": r, "anon": r - 100.0, "file": 100.0}, 0.0)
+                             for t, r in ((0, 500), (1, 900), (2, 950), (3, 1200), (4, 1000), (5, 990))]
+    run.events[:] = [(0.5, "corpus: 10 pairs"), (1.5, "step 25 | loss 3"), (2.5, "step 50 | loss 2"),
+                     (3.5, "eval step 50: bleu 1.0"), (4.5, "done")]
+    rows = dict(mod.phases(run))
+    assert rows["first step logged"][1]["rss"] == 900
+    assert rows["step 50, before validating"][1]["rss"] == 950
+    assert rows["step 50, validation + checkpoints (peak)"][1]["rss"] == 1200
+    assert rows["end"][1]["rss"] == 990 and rows["peak of the whole run"][1]["rss"] == 1200
