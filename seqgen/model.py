@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqgen.checkpoint import load_checkpoint, payload_json
@@ -30,6 +29,7 @@ from seqgen.encoders.rnn import RNNEncoderConfig, RNNTextEncoder
 from seqgen.errors import SeqgenError, cut_repr
 from seqgen.generation import GenerationConfig
 from seqgen.inference import captioning, translation
+from seqgen.decoders.output_loss import linear_cross_entropy
 from seqgen.precision import autocast, autocast_dtype
 from seqgen.tokenizers import TextCodec
 
@@ -115,12 +115,17 @@ class Seq2Seq(nn.Module):
         return logits
 
     def loss(self, batch: Batch, label_smoothing: float = 0.0) -> tuple[Tensor, int]:
-        """Mean cross-entropy per target token (nats) and the number of tokens it averages over."""
-        logits = self(batch)
-        gold = batch.target[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), gold.reshape(-1),
-                               ignore_index=self.tgt.vocab.pad, label_smoothing=label_smoothing)
-        return loss, int((gold != self.tgt.vocab.pad).sum())
+        """Mean cross-entropy per target token (nats) and the number of tokens it averages over.
+
+        The output layer and the loss are fused (seqgen.decoders.output_loss): the [B, T, V] logits of
+        `forward` are never held whole. Call `backward()` on the loss at most once.
+        """
+        enc = self.encode(batch.source, batch.source_lengths)
+        tokens = batch.target[:, :-1]
+        features, _ = self.decoder.features(tokens, self.decoder.init_state(enc, tokens.size(0)), enc)
+        out = self.decoder.output
+        return linear_cross_entropy(features, out.weight, out.bias, batch.target[:, 1:],
+                                    ignore_index=self.tgt.vocab.pad, label_smoothing=label_smoothing)
 
     # -- inference -----------------------------------------------------------------------------------
     def generate(self, source: Tensor | EncoderOutput | None = None, lengths: Tensor | None = None, *,

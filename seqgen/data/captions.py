@@ -9,20 +9,17 @@ With a frozen backbone training batches carry cached features (`CachedCaptionBat
 `EncoderOutput`); otherwise images are decoded in DataLoader workers (`ImageCaptionBatches`). Both are
 length-bucketed and deterministic for (seed, epoch), so a resumed run continues exactly.
 
-The training captions' ids are one flat `TokenLists` in memory (`bos ... eos` of every kept caption, uint16/
-uint32, plus int64 offsets), built once per run, not a Python list per caption; they do not go through the
-on-disk prepared-data cache because a captioning corpus is small to tokenize (Flickr8k: 40k captions, COCO:
-600k, a few seconds) next to the images and features that a captioning run reads anyway.
+The training captions' ids are one flat `TokenLists` (`bos ... eos` of every kept caption, uint16/uint32,
+plus int64 offsets), not a Python list per caption: in a run, memory-mapped from the prepared-data cache
+(seqgen.data.prepared_captions, PREPARED_DIR/captions-KEY), written by the first run on those captions.
 """
 from __future__ import annotations
 
 import os
 import random
-from array import array
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Callable, Iterable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Annotated, Callable, Iterator, Literal, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,8 +28,7 @@ from seqgen.data.batch import Batch
 from seqgen.data.batching import BucketBatchSampler
 from seqgen.data.images import (ImageError, ImageFolderDataset, collate_images, loader_generator, read_captions,
                                 read_split)
-from seqgen.data.prepared import ids_dtype
-from seqgen.data.token_lists import TokenLists
+from seqgen.data.prepared_captions import prepare_captions, tokenize_captions
 from seqgen.encoders.base import EncoderOutput
 from seqgen.errors import SeqgenError
 from seqgen.tokenizers import TextCodec
@@ -60,6 +56,8 @@ class CaptionDataConfig:
     valid_batch_size: images per batch when decoding the validation split
     valid_limit:      validate on the first N validation images only; 0 = all
     feature_cache:    frozen backbone: the folder of the feature caches; without it, OUT/features
+    prepared_dir:     the folder of the prepared data (the training captions tokenized once, memory-mapped);
+                      without it, OUT/prepared. Shared by runs on the same captions and vocabulary
     cache_dtype:      how cached features are stored (float16 halves the disk and page-cache footprint)
     num_workers:      DataLoader processes decoding images (feature extraction, fine-tuning); without it, 0 on
                       a CPU with up to 2 cores (the main process decodes), 1 with up to 4, 2 above; on a GPU
@@ -82,6 +80,7 @@ class CaptionDataConfig:
     valid_batch_size: Positive = 100
     valid_limit: Count = 0
     feature_cache: Folder = ""
+    prepared_dir: Folder = ""
     cache_dtype: Literal["float16", "float32"] = "float16"
     num_workers: Annotated[int, Bounds(0, 256)] | None = None
     allow_outside_images: bool = False
@@ -198,35 +197,21 @@ def load_test_split(images: str, captions_path: str, split: str = "", *, allow_o
     return names, {n: captions[n] for n in names}
 
 
-def _targets(codec: TextCodec, captions: Iterable[str], max_len: int) -> tuple[TokenLists, np.ndarray]:
-    """`bos ... eos` ids of each caption no longer than max_len tokens, and the positions kept [K] int64."""
-    bos, eos = codec.vocab.bos, codec.vocab.eos
-    flat, lengths, kept = array("q"), array("q"), array("q")     # growing int64 arrays, no Python int each
-    for i, c in enumerate(captions):
-        ids = codec.encode(c)
-        if 0 < len(ids) <= max_len:
-            flat.append(bos)
-            flat.extend(ids)
-            flat.append(eos)
-            lengths.append(len(ids) + 2)
-            kept.append(i)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(np.frombuffer(lengths, dtype=np.int64), out=offsets[1:])
-    ids = np.frombuffer(flat, dtype=np.int64).astype(ids_dtype(len(codec.vocab)))
-    return TokenLists(ids, offsets), np.frombuffer(kept, dtype=np.int64)
-
-
 class CaptionExamples:
     """One example per (image, caption): `image_of[i]` is the image row of target `targets[i]`.
 
     targets: TokenLists of the kept captions' `bos ... eos` ids; image_of: [K] int64; names: the image rows.
+    With `prepared_dir` they come from the prepared-data cache there (seqgen.data.prepared_captions: written by
+    the first run, memory-mapped by the next); without it they are tokenized in memory.
     """
 
-    def __init__(self, names: Sequence[str], captions: dict[str, list[str]], codec: TextCodec, max_len: int):
-        rows = array("q", (row for row, n in enumerate(names) for _ in captions[n]))
-        self.targets, kept = _targets(codec, (c for n in names for c in captions[n]), max_len)
-        self.image_of = np.frombuffer(rows, dtype=np.int64)[kept]
-        self.dropped = len(rows) - len(kept)
+    def __init__(self, names: Sequence[str], captions: dict[str, list[str]], codec: TextCodec, max_len: int, *,
+                 prepared_dir: str = "", log: Callable[[str], None] = lambda line: None):
+        if prepared_dir:
+            self.targets, self.image_of, self.dropped = prepare_captions(names, captions, codec, max_len,
+                                                                         prepared_dir, log=log)
+        else:
+            self.targets, self.image_of, self.dropped = tokenize_captions(names, captions, codec, max_len)
         self.names = list(names)
 
     def __len__(self) -> int:

@@ -3,7 +3,8 @@ memory-mapped by every later run, --resume included.
 
 This module holds what every kind of cache shares (the header, the checksums, the atomic temporary folder,
 the removal of orphans: `read_header`, `open_arrays`, `ArrayWriter`, `build_folder`) and the parallel-pairs
-kind; seqgen.data.prepared_stream holds the language-model kind (one token stream, PREPARED_DIR/stream-KEY).
+kind; seqgen.data.prepared_stream holds the language-model kind (one token stream, PREPARED_DIR/stream-KEY),
+seqgen.data.prepared_captions the captioning kind (training caption token lists, PREPARED_DIR/captions-KEY).
 
 One pairs cache is a folder PREPARED_DIR/pairs-KEY, KEY a digest of what its content depends on: the format
 version, each input file (size, mtime, and sha256 as seqgen.data.text.file_digest takes it) and the two
@@ -123,7 +124,7 @@ def read_header(folder: str, key: str) -> dict:
 
 def open_arrays(folder: str, header: dict) -> dict[str, np.ndarray]:
     """{file name: read-only memory map} of every array file the header lists, each checked against the
-    header's size and sha256 ("*.offsets" int64, the others header["dtype"]); SeqgenError naming the file that
+    header's size and sha256 ("*.offsets" and "*.rows" int64, the others header["dtype"]); SeqgenError naming the file that
     fails (a corrupt or incomplete cache)."""
     arrays = {}
     try:
@@ -132,7 +133,7 @@ def open_arrays(folder: str, header: dict) -> dict[str, np.ndarray]:
             path = os.path.join(folder, name)
             if os.path.getsize(path) != size or _sha256(path) != digest:
                 raise SeqgenError(f"{path}: size or checksum differs from {HEADER} (a corrupt cache)")
-            file_dtype = np.int64 if name.endswith(".offsets") else dtype
+            file_dtype = np.int64 if name.endswith((".offsets", ".rows")) else dtype
             # numpy cannot map an empty file
             arrays[name] = np.memmap(path, dtype=file_dtype, mode="r") if size else np.zeros(0, file_dtype)
     except SeqgenError:

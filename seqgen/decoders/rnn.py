@@ -186,6 +186,16 @@ class RNNDecoder(nn.Module):
         tokens: [B, T] input ids (bos first).  Returns logits [B, T, V] and the state after the last token
         (its `attn` holds the last step's attention weights [B, S]).
         """
+        features, state = self.features(tokens, state, enc)
+        return self.output(features), state
+
+    def features(self, tokens: Tensor, state: DecoderState,
+                 enc: EncoderOutput | None = None) -> tuple[Tensor, DecoderState]:
+        """`forward` without the output layer: its input [B, T, O] (after dropout, in training) and the state.
+
+        Training losses take this and `self.output`'s weights to seqgen.decoders.output_loss, which never
+        holds the whole [B, T, V] logits.
+        """
         x = self.embed(tokens)
         if self.training:
             x = self.dropout(x)
@@ -207,8 +217,7 @@ class RNNDecoder(nn.Module):
                 feed, last_attn = o_t[:, 0], w[:, 0]
                 outs.append(o_t)
             o = torch.cat(outs, dim=1)
-        logits = self.output(self.dropout(o) if self.training else o)
-        return logits, DecoderState(h=h, c=c, feed=feed, attn=last_attn)
+        return (self.dropout(o) if self.training else o), DecoderState(h=h, c=c, feed=feed, attn=last_attn)
 
     def step(self, tokens: Tensor, state: DecoderState,
              enc: EncoderOutput | None = None) -> tuple[Tensor, DecoderState]:

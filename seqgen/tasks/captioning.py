@@ -166,7 +166,9 @@ def train_captioning(run: CaptionRunConfig, out_dir: str, *, resume: bool = Fals
         except ValueError as e:
             raise SeqgenError(f"model config: {e}") from None
     codec = model.tgt
-    examples = CaptionExamples(splits.train, splits.captions, codec, d.max_len)
+    with dist.main_first():   # process 0 writes the captions' prepared data; the others open it
+        examples = CaptionExamples(splits.train, splits.captions, codec, d.max_len,
+                                   prepared_dir=d.prepared_dir or os.path.join(out_dir, "prepared"), log=say)
     if not len(examples):
         raise SeqgenError(f"{d.captions}: every training caption is longer than --max-len {d.max_len} tokens")
     if examples.dropped:

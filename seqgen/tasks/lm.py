@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Annotated, Callable, Literal
 
 import torch
-import torch.nn.functional as F
 
 from seqgen.config import MAX_VOCAB, Bounds, File, Folder, Positive, to_dict, validate
 from seqgen.data.prepared import cached_codecs
@@ -25,6 +24,7 @@ from seqgen.errors import SeqgenError
 from seqgen.log import Log, main_process_log
 from seqgen.metrics import perplexity
 from seqgen.model import ModelConfig, Seq2Seq
+from seqgen.decoders.output_loss import linear_cross_entropy
 from seqgen.runs import check_out_dir, data_fingerprint, holds_run_folder, load_init_model, load_resume_run
 from seqgen.tokenizers import TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
@@ -92,10 +92,11 @@ def make_evaluate(valid_ids: torch.Tensor, seq_len: int, streams: int, bos: int,
         total, count = 0.0, 0
         for w in range(0, n, seq_len):
             gold = rows[:, w + 1:w + seq_len + 1]
-            logits, state = model.decoder(rows[:, w:w + gold.size(1)], state)
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), gold.reshape(-1),
-                                     ignore_index=pad, reduction="sum").item()
-            count += int((gold != pad).sum())
+            features, state = model.decoder.features(rows[:, w:w + gold.size(1)], state)
+            out = model.decoder.output
+            loss_sum, n_tokens = linear_cross_entropy(features, out.weight, out.bias, gold, ignore_index=pad,
+                                                      reduction="sum")
+            total, count = total + loss_sum.item(), count + n_tokens
         loss = total / count
         return {"loss": loss, "ppl": perplexity(loss, finite=True)}
 
