@@ -32,8 +32,7 @@ def _chunk_rows(vocab: int) -> int:
 
 
 def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """[n, O] x [V, O] (+ [V]) -> float32 logits [n, V], the matmul in w's dtype."""
-    h = h.to(w.dtype)
+    """[n, O] x [V, O] (+ [V]) -> float32 logits [n, V]; h, w and b in the matmul's dtype."""
     return (torch.addmm(b, h, w.t()) if b is not None else h @ w.t()).float()
 
 
@@ -62,7 +61,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         step = _chunk_rows(vocab)
         for s in range(0, hidden.size(0), step):
-            h, g = hidden[s:s + step], gold[s:s + step]
+            h, g = hidden[s:s + step].to(dtype), gold[s:s + step]
             logits = _chunk_logits(h, w, b)
             loss, lse = _row_losses(logits, g, label_smoothing)
             total += loss.sum()
@@ -75,7 +74,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_b += grad.sum(dim=0)
             grad = grad.to(dtype)
             grad_h[s:s + h.size(0)] = grad @ w
-            grad_w += (grad.t() @ h.to(dtype)).float()
+            grad_w += (grad.t() @ h).float()
             del logits, grad
         ctx.save_for_backward(grad_h, grad_w, grad_b if grad_b is not None else grad_w.new_empty(0))
         ctx.has_bias = bias is not None
@@ -119,7 +118,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, go
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         step = _chunk_rows(w.size(0))
         for s in range(0, n, step):
-            total += _row_losses(_chunk_logits(hidden[s:s + step], w, b), gold[s:s + step], label_smoothing)[0].sum()
+            logits = _chunk_logits(hidden[s:s + step].to(dtype), w, b)
+            total += _row_losses(logits, gold[s:s + step], label_smoothing)[0].sum()
     if reduction == "sum":
         return total, n
     return total / max(n, 1), n
