@@ -3,6 +3,7 @@
 
     python scripts/bench_train_memory.py --data-dir ../shared/data --minutes 20
     python scripts/bench_train_memory.py --data-dir ../shared/data --minutes 3 --eval-every 100 --png mem.png
+    python scripts/bench_train_memory.py --data-dir ../shared/data --minutes 2 -- --amp off
 
 Runs the recipe of the shipped `multi30k-de-en` model (seqgen/zoo/registry.py) as a real `seqgen train`
 command with `--time-budget MINUTES` (training minutes; validations come on top) into --out (default: a new
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="", help="the run folder (default: a temporary folder, removed afterwards)")
     p.add_argument("--png", default="", help="also draw RSS over time into this PNG")
     p.add_argument("--seed", type=int, default=1, help="the run's --seed")
+    p.add_argument("extra", nargs="*", help="more `seqgen train` options, after --: `-- --amp off`")
     args = p.parse_args(argv)
     if args.minutes <= 0:
         p.error(f"--minutes must be > 0, got {args.minutes}")
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or tempfile.mkdtemp(prefix="seqgen-bench-mem-")
     if args.out and os.path.exists(os.path.join(out, "last.pt")):
         sys.exit(f"--out {out} holds a run already; give a new folder")
-    cmd = [sys.executable, "-m", "seqgen.cli", *recipe(args.data_dir, out, args.minutes, args.eval_every, args.seed)]
+    cmd = [sys.executable, "-m", "seqgen.cli", *recipe(args.data_dir, out, args.minutes, args.eval_every, args.seed), *args.extra]
     print("seqgen " + " ".join(cmd[3:]), flush=True)
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -49,3 +49,19 @@ def test_tuned_allocator_reuses_freed_memory(where):
     assert system >= pages // 2          # the default: every block mapped and faulted in again
     assert tuned < pages // 50           # tuned: the freed block is reused (a thread too: one arena for all)
     assert probe("tuned", where, SEQGEN_MALLOC="system") == (False, pytest.approx(system, rel=0.5))
+
+
+def _cap_after(call: str, **env) -> list[str]:
+    """(what `call` returned, $ONEDNN_PRIMITIVE_CACHE_CAPACITY after it) in a fresh process with `env`."""
+    base = {k: v for k, v in os.environ.items() if "PRIMITIVE_CACHE_CAPACITY" not in k and k != "SEQGEN_MALLOC"}
+    code = f"import os, seqgen.allocator as a; print(a.{call}(), os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**base, **env}).stdout.split()
+
+
+def test_the_onednn_cache_cap_is_set_unless_the_environment_names_one():
+    assert _cap_after("cap_onednn_cache") == ["True", "64"]
+    assert _cap_after("cap_onednn_cache", ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024") == ["False", "1024"]
+    assert _cap_after("cap_onednn_cache", DNNL_PRIMITIVE_CACHE_CAPACITY="8") == ["False", "None"]
+    # the entry points' one call sets it, also when malloc is left alone
+    assert _cap_after("tune_cpu_allocator", SEQGEN_MALLOC="system") == ["False", "64"]

@@ -35,9 +35,12 @@ def _grads(loss, *tensors):
     return torch.autograd.grad(loss, tensors, retain_graph=True)
 
 
-@pytest.fixture(params=[output_loss.CHUNK_ELEMENTS, 7 * 50], ids=["one-chunk", "chunks-of-7-rows"])
+@pytest.fixture(params=[(output_loss.CHUNK_ELEMENTS, 64), (7 * 50, 64), (10 * 50, 4)],
+                ids=["one-chunk-padded", "chunks-of-7-rows", "chunks-of-8-rows-padded-to-4s"])
 def chunking(request, monkeypatch):
-    monkeypatch.setattr(output_loss, "CHUNK_ELEMENTS", request.param)
+    """(logit elements per chunk, row multiple): with vocabulary 50 and 37 rows, the last chunk is padded."""
+    monkeypatch.setattr(output_loss, "CHUNK_ELEMENTS", request.param[0])
+    monkeypatch.setattr(output_loss, "ROW_MULTIPLE", request.param[1])
     return request.param
 
 

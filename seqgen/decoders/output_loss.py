@@ -24,11 +24,21 @@ from seqgen.precision import active_autocast_dtype
 
 # Logit elements per chunk (float32: 16 MiB). Large enough that each chunk's matmul runs at full speed.
 CHUNK_ELEMENTS = 1 << 22
+# Chunks are padded to a multiple of this many rows: the matmuls then see a few shapes, not one per batch.
+# oneDNN (bf16 and fp16 on CPU) caches a primitive, with memory of the output's size, per shape it meets.
+ROW_MULTIPLE = 64
 
 
-def _chunk_rows(vocab: int) -> int:
-    """Rows per chunk for a vocabulary of `vocab`."""
-    return max(1, CHUNK_ELEMENTS // max(1, vocab))
+def _chunk_rows(vocab: int) -> tuple[int, int]:
+    """(rows per chunk, the multiple a chunk's rows are padded to) for a vocabulary of `vocab`."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, vocab))
+    multiple = min(ROW_MULTIPLE, rows)
+    return rows // multiple * multiple, multiple
+
+
+def _padded(x: Tensor, rows: int) -> Tensor:
+    """x [n, ...] with zero rows appended up to `rows`."""
+    return x if x.size(0) == rows else torch.cat([x, x.new_zeros(rows - x.size(0), *x.shape[1:])])
 
 
 def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -59,21 +69,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if bias is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        step = _chunk_rows(vocab)
+        step, multiple = _chunk_rows(vocab)
         for s in range(0, hidden.size(0), step):
-            h, g = hidden[s:s + step].to(dtype), gold[s:s + step]
+            n = min(step, hidden.size(0) - s)
+            rows = -(-n // multiple) * multiple
+            h, g = _padded(hidden[s:s + n].to(dtype), rows), _padded(gold[s:s + n], rows)
             logits = _chunk_logits(h, w, b)
             loss, lse = _row_losses(logits, g, label_smoothing)
-            total += loss.sum()
+            total += loss[:n].sum()
             # d(sum of losses)/d logits = softmax - ((1 - e) one-hot(gold) + e / V), made in the logits' memory
             grad = logits.sub_(lse[:, None]).exp_()
             if label_smoothing > 0:
                 grad.sub_(label_smoothing / vocab)
-            grad[torch.arange(h.size(0), device=grad.device), g] -= 1 - label_smoothing
+            grad[torch.arange(rows, device=grad.device), g] -= 1 - label_smoothing
+            grad[n:] = 0                   # the padding rows
             if bias is not None:
                 grad_b += grad.sum(dim=0)
             grad = grad.to(dtype)
-            grad_h[s:s + h.size(0)] = grad @ w
+            grad_h[s:s + n] = (grad @ w)[:n]
             grad_w += (grad.t() @ h).float()
             del logits, grad
         ctx.save_for_backward(grad_h, grad_w, grad_b if grad_b is not None else grad_w.new_empty(0))
@@ -116,13 +129,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, go
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        step = _chunk_rows(w.size(0))
+        step, multiple = _chunk_rows(w.size(0))
         for s in range(0, n, step):
-            logits = _chunk_logits(hidden[s:s + step].to(dtype), w, b)
-            total += _row_losses(logits, gold[s:s + step], label_smoothing)[0].sum()
+            m = min(step, n - s)
+            rows = -(-m // multiple) * multiple
+            logits = _chunk_logits(_padded(hidden[s:s + m].to(dtype), rows), w, b)
+            total += _row_losses(logits, _padded(gold[s:s + m], rows), label_smoothing)[0][:m].sum()
     if reduction == "sum":
         return total, n
     return total / max(n, 1), n
 
 
-__all__ = ["CHUNK_ELEMENTS", "linear_cross_entropy"]
+__all__ = ["CHUNK_ELEMENTS", "ROW_MULTIPLE", "linear_cross_entropy"]
