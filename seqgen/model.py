@@ -21,6 +21,7 @@ from seqgen.data.batch import Batch
 from seqgen.decoders import search
 from seqgen.decoders.ensemble import EnsembleDecoder, EnsembleEncoding
 from seqgen.decoders.fast_step import SMALL_BATCH
+from seqgen.decoders.output_loss import linear_cross_entropy
 from seqgen.decoders.rnn import DecoderConfig, RNNDecoder
 from seqgen.decoders.search import Hypothesis
 from seqgen.encoders.base import EncoderOutput
@@ -29,7 +30,6 @@ from seqgen.encoders.rnn import RNNEncoderConfig, RNNTextEncoder
 from seqgen.errors import SeqgenError, cut_repr
 from seqgen.generation import GenerationConfig
 from seqgen.inference import captioning, translation
-from seqgen.decoders.output_loss import linear_cross_entropy
 from seqgen.precision import autocast, autocast_dtype
 from seqgen.tokenizers import TextCodec
 

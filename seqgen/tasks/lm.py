@@ -18,13 +18,13 @@ from seqgen.config import MAX_VOCAB, Bounds, File, Folder, Positive, to_dict, va
 from seqgen.data.prepared import cached_codecs
 from seqgen.data.prepared_stream import prepare_stream, split_text, text_inputs
 from seqgen.data.text import LMBatches, read_text
+from seqgen.decoders.output_loss import linear_cross_entropy
 from seqgen.decoders.rnn import DecoderConfig
 from seqgen.distributed import entry_point, is_main_process, setup
 from seqgen.errors import SeqgenError
 from seqgen.log import Log, main_process_log
 from seqgen.metrics import perplexity
 from seqgen.model import ModelConfig, Seq2Seq
-from seqgen.decoders.output_loss import linear_cross_entropy
 from seqgen.runs import check_out_dir, data_fingerprint, holds_run_folder, load_init_model, load_resume_run
 from seqgen.tokenizers import TextCodec
 from seqgen.train import Trainer, TrainConfig, TrainState, seed_everything
