@@ -179,22 +179,22 @@ class RNNDecoder(nn.Module):
         pre = torch.addmm(self.pre_output.bias, out.reshape(n * t, H), self.pre_output.weight[:, :H].t())
         return torch.tanh(pre.view(n, t, -1) + mixed), weights.reshape(n, t, -1)
 
-    def forward(self, tokens: Tensor, state: DecoderState,
-                enc: EncoderOutput | None = None) -> tuple[Tensor, DecoderState]:
-        """Teacher forcing over a whole sequence.
-
-        tokens: [B, T] input ids (bos first).  Returns logits [B, T, V] and the state after the last token
-        (its `attn` holds the last step's attention weights [B, S]).
-        """
-        features, state = self.features(tokens, state, enc)
-        return self.output(features), state
-
     def features(self, tokens: Tensor, state: DecoderState,
                  enc: EncoderOutput | None = None) -> tuple[Tensor, DecoderState]:
         """`forward` without the output layer: its input [B, T, O] (after dropout, in training) and the state.
 
         Training losses take this and `self.output`'s weights to seqgen.decoders.output_loss, which never
-        holds the whole [B, T, V] logits.
+        holds the whole [B, T, V] logits. It is a call of the module, so forward hooks see it.
+        """
+        return self(tokens, state, enc, output_layer=False)
+
+    def forward(self, tokens: Tensor, state: DecoderState, enc: EncoderOutput | None = None, *,
+                output_layer: bool = True) -> tuple[Tensor, DecoderState]:
+        """Teacher forcing over a whole sequence.
+
+        tokens: [B, T] input ids (bos first).  Returns logits [B, T, V] (without `output_layer`: the output
+        layer's input [B, T, O], see `features`) and the state after the last token (its `attn` holds the last
+        step's attention weights [B, S]).
         """
         x = self.embed(tokens)
         if self.training:
@@ -217,7 +217,8 @@ class RNNDecoder(nn.Module):
                 feed, last_attn = o_t[:, 0], w[:, 0]
                 outs.append(o_t)
             o = torch.cat(outs, dim=1)
-        return (self.dropout(o) if self.training else o), DecoderState(h=h, c=c, feed=feed, attn=last_attn)
+        o = self.dropout(o) if self.training else o
+        return (self.output(o) if output_layer else o), DecoderState(h=h, c=c, feed=feed, attn=last_attn)
 
     def step(self, tokens: Tensor, state: DecoderState,
              enc: EncoderOutput | None = None) -> tuple[Tensor, DecoderState]:
