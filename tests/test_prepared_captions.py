@@ -137,3 +137,24 @@ def test_caption_examples_from_the_cache_equal_those_in_memory(tmp_path):
     b = CaptionExamples(names, captions, codec, 12, prepared_dir=str(tmp_path))
     _same((a.targets, a.image_of, a.dropped), (b.targets, b.image_of, b.dropped))
     assert a.names == b.names == names
+
+
+def test_a_captioning_run_keeps_its_captions_in_the_prepared_folder_and_the_next_run_opens_them(tmp_path):
+    import dataclasses
+
+    from seqgen.tasks.captioning import train_captioning
+    from test_captioning import shapes_run, write_shapes_dataset
+
+    write_shapes_dataset(tmp_path, sizes=(("train", 40), ("valid", 8), ("test", 2)))
+    shared = tmp_path / "prepared"
+    run = shapes_run(tmp_path, steps=2)
+    run = dataclasses.replace(run, data=dataclasses.replace(run.data, prepared_dir=str(shared)))
+    logs: list[list[str]] = [[], []]
+    for i in (0, 1):
+        train_captioning(run, str(tmp_path / f"run{i}"), log=logs[i].append)
+    assert len(_folders(shared)) == 1
+    assert any("tokenized" in line and "training captions" in line for line in logs[0])
+    assert not any("training captions into" in line for line in logs[1])      # opened, not written again
+    own = shapes_run(tmp_path, steps=2)                                            # no --prepared-dir: OUT/prepared
+    train_captioning(own, str(tmp_path / "own"), log=lambda m: None)
+    assert len(_folders(tmp_path / "own" / "prepared")) == 1
