@@ -107,12 +107,13 @@ class Seq2Seq(nn.Module):
             return source if isinstance(source, EncoderOutput) else None
         return self.encoder(source, lengths) if lengths is not None else self.encoder(source)
 
-    def forward(self, batch: Batch) -> Tensor:
-        """Teacher-forced logits [B, T, V] for predicting batch.target[:, 1:]."""
+    def forward(self, batch: Batch, *, output_layer: bool = True) -> Tensor:
+        """Teacher-forced logits [B, T, V] for predicting batch.target[:, 1:] (without `output_layer`: the
+        output layer's input [B, T, O], see RNNDecoder.features)."""
         enc = self.encode(batch.source, batch.source_lengths)
         tokens = batch.target[:, :-1]
-        logits, _ = self.decoder(tokens, self.decoder.init_state(enc, tokens.size(0)), enc)
-        return logits
+        out, _ = self.decoder(tokens, self.decoder.init_state(enc, tokens.size(0)), enc, output_layer=output_layer)
+        return out
 
     def loss(self, batch: Batch, label_smoothing: float = 0.0) -> tuple[Tensor, int]:
         """Mean cross-entropy per target token (nats) and the number of tokens it averages over.
@@ -120,9 +121,7 @@ class Seq2Seq(nn.Module):
         The output layer and the loss are fused (seqgen.decoders.output_loss): the [B, T, V] logits of
         `forward` are never held whole. Call `backward()` on the loss at most once.
         """
-        enc = self.encode(batch.source, batch.source_lengths)
-        tokens = batch.target[:, :-1]
-        features, _ = self.decoder.features(tokens, self.decoder.init_state(enc, tokens.size(0)), enc)
+        features = self(batch, output_layer=False)
         out = self.decoder.output
         return linear_cross_entropy(features, out.weight, out.bias, batch.target[:, 1:],
                                     ignore_index=self.tgt.vocab.pad, label_smoothing=label_smoothing)

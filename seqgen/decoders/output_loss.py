@@ -15,7 +15,7 @@ like `F.linear` under autocast, the log-softmax in float32 like `.float()` then 
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -34,6 +34,14 @@ def _chunk_rows(vocab: int) -> tuple[int, int]:
     rows = max(1, CHUNK_ELEMENTS // max(1, vocab))
     multiple = min(ROW_MULTIPLE, rows)
     return rows // multiple * multiple, multiple
+
+
+def _chunks(n: int, vocab: int) -> Iterator[tuple[int, int, int]]:
+    """(start, rows, padded rows) of each chunk of `n` rows for a vocabulary of `vocab`."""
+    step, multiple = _chunk_rows(vocab)
+    for start in range(0, n, step):
+        rows = min(step, n - start)
+        yield start, rows, -(-rows // multiple) * multiple
 
 
 def _padded(x: Tensor, rows: int) -> Tensor:
@@ -69,10 +77,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if bias is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        step, multiple = _chunk_rows(vocab)
-        for s in range(0, hidden.size(0), step):
-            n = min(step, hidden.size(0) - s)
-            rows = -(-n // multiple) * multiple
+        for s, n, rows in _chunks(hidden.size(0), vocab):
             h, g = _padded(hidden[s:s + n].to(dtype), rows), _padded(gold[s:s + n], rows)
             logits = _chunk_logits(h, w, b)
             loss, lse = _row_losses(logits, g, label_smoothing)
@@ -129,10 +134,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, go
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        step, multiple = _chunk_rows(w.size(0))
-        for s in range(0, n, step):
-            m = min(step, n - s)
-            rows = -(-m // multiple) * multiple
+        for s, m, rows in _chunks(n, w.size(0)):
             logits = _chunk_logits(_padded(hidden[s:s + m].to(dtype), rows), w, b)
             total += _row_losses(logits, _padded(gold[s:s + m], rows), label_smoothing)[0][:m].sum()
     if reduction == "sum":
