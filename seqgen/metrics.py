@@ -146,6 +146,45 @@ def _ngrams(tokens: list[str], n_max: int) -> Counter:
     return Counter(tuple(tokens[i:i + n]) for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
 
 
+class SentenceBleu:
+    """Smoothed BLEU-4 of one caption against its image's references, 0..1 (a self-critical reward, where a
+    corpus BLEU does not exist): n-gram precisions clipped by the largest count in any reference, add-one
+    smoothing of the orders >= 2 (Lin & Och 2004's BLEU+1; sacrebleu's smooth_method="add-k"), the brevity
+    penalty from the closest reference length (the shorter on a tie). Tokens: `caption_tokens`.
+    """
+
+    def __init__(self, n: int = 4):
+        self.n = n
+
+    def references(self, refs: Sequence[str]) -> tuple[Counter, list[int]]:
+        """One image's references, counted once: (each n-gram's largest count in a reference, their lengths)."""
+        most: Counter = Counter()
+        lengths = []
+        for r in refs:
+            tokens = caption_tokens(r)
+            lengths.append(len(tokens))
+            most |= _ngrams(tokens, self.n)
+        return most, lengths
+
+    def score(self, hyp: str, ref: tuple[Counter, list[int]]) -> float:
+        tokens = caption_tokens(hyp)
+        if not tokens:
+            return 0.0
+        most, lengths = ref
+        correct, total = [0] * self.n, [0] * self.n
+        for gram, count in _ngrams(tokens, self.n).items():
+            total[len(gram) - 1] += count
+            correct[len(gram) - 1] += min(count, most.get(gram, 0))
+        if correct[0] == 0:
+            return 0.0
+        log_p = math.log(correct[0] / total[0]) + sum(math.log((correct[k] + 1) / (total[k] + 1))
+                                                      for k in range(1, self.n))
+        c = len(tokens)
+        r = min(lengths, key=lambda length: (abs(length - c), length))
+        brevity = 0.0 if c >= r else 1.0 - r / c
+        return math.exp(brevity + log_p / self.n)
+
+
 class CiderD:
     """CIDEr-D (Vedantam et al. 2015, as in coco-caption's Cider scorer) with its document frequencies fixed.
 

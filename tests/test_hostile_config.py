@@ -466,9 +466,12 @@ READ_SYSCALL = {"x86_64": "0", "aarch64": "63"}.get(os.uname().machine)
 def test_a_signal_while_translating_stops_it_without_resume_advice(tmp_path, mt_checkpoint, sig, status,  # noqa: F811
                                                                     line):
     """`seqgen translate` waiting on a stdin that never closes: the signal ends it with one plain line."""
+    # SIGINT's default action in the child: a suite started in the background (`make test &`) passes SIGINT on
+    # ignored, and Python then rightly leaves it ignored.
     proc = subprocess.Popen([sys.executable, "-m", "seqgen.cli", "translate", str(mt_checkpoint), "--greedy"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write("lorem ipsum\n")
         proc.stdin.flush()

@@ -126,3 +126,28 @@ def test_perplexity():
     assert perplexity(1e6) == math.inf
     assert perplexity(1e6, finite=True) == math.exp(50.0)      # what the validation metrics log holds
     assert math.isnan(perplexity(math.nan, finite=True))
+
+
+def test_sentence_bleu_is_sacrebleus_add_one_sentence_bleu():
+    """The self-critical BLEU reward equals sacrebleu's sentence BLEU with add-one smoothing (on caption tokens),
+    over random captions of many lengths (empty, shorter than 4, ties between closest references) and fixed ones."""
+    import random
+    import warnings
+    from sacrebleu.metrics import BLEU
+    from seqgen.metrics import SentenceBleu
+    reference = BLEU(tokenize="none", smooth_method="add-k", smooth_value=1, effective_order=False)
+    ours = SentenceBleu()
+    rng = random.Random(0)
+    words = "a the dog man runs in on grass red ball two people water".split()
+    cases = [("A dog runs on the grass.", ["a dog runs on the grass", "the dog is running"]),
+             ("", ["a dog"]), ("dog", ["a dog", "a cat"]), ("zebra zebra", ["a dog runs"])]
+    for _ in range(500):
+        cases.append((" ".join(rng.choices(words, k=rng.randint(0, 12))),
+                      [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(rng.randint(1, 5))]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for hyp, refs in cases:
+            expected = reference.sentence_score(" ".join(caption_tokens(hyp)),
+                                                [" ".join(caption_tokens(r)) for r in refs]).score / 100
+            assert ours.score(hyp, ours.references(refs)) == pytest.approx(expected, abs=1e-12), (hyp, refs)
+    assert ours.score("a dog runs on the grass", ours.references(["a dog runs on the grass"])) == pytest.approx(1.0)

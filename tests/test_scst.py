@@ -114,3 +114,43 @@ def test_the_gradient_pass_scores_the_policy_that_sampled(xe):
     loss = objective(Batch(target=torch.zeros(2, 2, dtype=torch.long), source=feats, index=torch.tensor([0, 1])))
     assert loss.requires_grad and modes and not any(modes)
     assert model.training
+
+
+def test_beam_candidates_raise_validation_cider_d(xe):
+    """--scst-candidates beam: the k best captions of a beam search, scored against their mean."""
+    d = xe
+    before = [r for r in records(d / "xe") if "eval" in r][-1]["eval"]["cider"]
+    state = train_captioning(scst_run(d, steps=20, scst_candidates="beam"), str(d / "scst-beam"), log=quiet)
+    assert state.best > before + 0.1, (before, state.best)
+
+
+def test_beam_candidates_are_the_k_best_of_a_beam_search(xe, monkeypatch):
+    import torch
+    from seqgen.data.batch import Batch
+    from seqgen.generation import GenerationConfig
+    from test_captioning import SIZE
+    model = load_model(str(xe / "xe" / "best.pt"), task="captioning")
+    refs = [["a red circle"], ["a blue square"]]
+    objective = SelfCritical(model, refs, SCSTConfig(scst=True, scst_samples=3, scst_candidates="beam",
+                                                     scst_max_len=8), amp="off")
+    with torch.no_grad():
+        feats = model.encode(torch.rand(2, 3, SIZE, SIZE))
+    scored = []
+    monkeypatch.setattr(objective, "_rewards", lambda texts, rows: scored.append((texts, rows)) or [0.5] * len(texts))
+    objective(Batch(target=torch.zeros(2, 2, dtype=torch.long), source=feats, index=torch.tensor([0, 1])))
+    beams = model.generate(feats, gen=GenerationConfig(beam=3, n_best=3, max_len=8, amp="off"))
+    expected = [model.tgt.decode(h.tokens).strip() for hyps in beams for h in hyps]
+    assert scored == [(expected, [0, 0, 0, 1, 1, 1])]
+
+
+def test_the_bleu_weight_adds_the_captions_smoothed_bleu4(xe):
+    from seqgen.metrics import SentenceBleu
+    model = load_model(str(xe / "xe" / "best.pt"), task="captioning")
+    refs = [["a red circle above a blue square", "a red circle over a blue square"],
+            ["a green triangle left of a yellow circle"]]
+    hyps = ["a red circle above a square", "a green triangle"]
+    plain = SelfCritical(model, refs, SCSTConfig(scst=True))._rewards(hyps, [0, 1])
+    mixed = SelfCritical(model, refs, SCSTConfig(scst=True, scst_bleu_weight=0.5))._rewards(hyps, [0, 1])
+    bleu = SentenceBleu()
+    assert mixed == pytest.approx([c + 0.5 * bleu.score(h, bleu.references(r)) for c, h, r in zip(plain, hyps, refs)])
+    assert all(m > c for m, c in zip(mixed, plain))

@@ -1,10 +1,12 @@
 """Self-critical sequence training (Rennie et al. 2017): optimise a captioner's CIDEr-D directly.
 
-For each image of a batch the current model samples K captions; each earns its CIDEr-D against the image's
-references (idf over the whole training set, `metrics.CiderD`, the same code validation scores with) minus a
-baseline: the mean reward of the image's other K - 1 samples (Luo 2020's "new SCST"; no extra search), or
-the reward of the greedy caption (Rennie et al.). The loss raises the log-probability of captions that beat
-the baseline and lowers the others:
+For each image of a batch the current model draws K captions: samples, or the K best of a beam search of width K
+(Cornia et al. 2020's variant: its captions start near the model's best, so the first steps are not spent
+sharpening a sampling distribution). Each earns its CIDEr-D against the image's references (idf over the whole
+training set, `metrics.CiderD`, the same code validation scores with), plus, with a BLEU weight, that times its
+smoothed BLEU-4 (`metrics.SentenceBleu`), minus a baseline: the mean reward of the image's other K - 1 captions
+(Luo 2020's "new SCST"; no extra search), or the reward of the greedy caption (Rennie et al.). The loss raises
+the log-probability of captions that beat the baseline and lowers the others:
 
     loss = - sum_i (r_i - b_i) * sum_t log p(w_i,t | w_i,<t, image) / sum_i len_i
 
@@ -22,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqgen.config import Bounds, ConfigValueError, Positive, Tokens, validate
+from seqgen.config import Bounds, ConfigValueError, NonNegative, Positive, Tokens, validate
 from seqgen.data.batch import Batch
 from seqgen.decoders.state import select_batch
 from seqgen.errors import SeqgenError
-from seqgen.metrics import CiderD
+from seqgen.metrics import CiderD, SentenceBleu
 from seqgen.generation import GenerationConfig
 from seqgen.model import Seq2Seq
 from seqgen.data.batching import pad_sequences
@@ -38,18 +40,23 @@ class SCSTConfig:
 
     scst:             fine-tune a trained captioner with self-critical training on CIDEr-D (needs --init-from
                       and a frozen backbone: it trains on cached features)
-    scst_samples:     captions sampled per image at each step
+    scst_samples:     captions drawn per image at each step (samples, or the beam width)
+    scst_candidates:  how they are drawn: sampled at scst_temperature, or the scst_samples best captions of a beam
+                      search that wide
     scst_baseline:    what a sample's reward is compared with: the mean of the image's other samples, or the
                       reward of its greedy caption
     scst_max_len:     longest sampled caption, in tokens
     scst_temperature: the sampling temperature
+    scst_bleu_weight: the reward is CIDEr-D plus this times the caption's smoothed BLEU-4 (0..1); 0 = CIDEr-D alone
     """
 
     scst: bool = False
     scst_samples: Positive = 5
+    scst_candidates: Literal["sample", "beam"] = "sample"
     scst_baseline: Literal["mean", "greedy"] = "mean"
     scst_max_len: Tokens = 20
     scst_temperature: Annotated[float, Bounds(0.0, low_open=True)] = 1.0
+    scst_bleu_weight: NonNegative = 0.0
 
     def validate(self) -> None:
         """Every field within its bounds, and the rules between them (seqgen.config.validate)."""
@@ -77,9 +84,12 @@ class SelfCritical(nn.Module):
         self.model, self.cfg = model, cfg
         self.references = [list(r) for r in references]
         self.cider = CiderD(self.references)
-        self._ref_vectors: dict[int, list] = {}
+        self.bleu = SentenceBleu() if cfg.scst_bleu_weight > 0 else None
+        self._ref_vectors: dict[int, tuple] = {}   # image row -> its references, counted once
         self.sample_gen = GenerationConfig(temperature=cfg.scst_temperature, max_len=cfg.scst_max_len, amp=amp)
         self.greedy_gen = GenerationConfig(max_len=cfg.scst_max_len, amp=amp)
+        self.beam_gen = GenerationConfig(beam=cfg.scst_samples, n_best=cfg.scst_samples, max_len=cfg.scst_max_len,
+                                         amp=amp)
         self._sums = {"reward": 0.0, "baseline": 0.0, "sample_len": 0.0}
         self._count = 0
         self._first_reward: float | None = None
@@ -89,8 +99,14 @@ class SelfCritical(nn.Module):
         out = []
         for text, row in zip(texts, rows):
             if row not in self._ref_vectors:
-                self._ref_vectors[row] = self.cider.references(self.references[row])
-            out.append(self.cider.score(text, self._ref_vectors[row]))
+                refs = self.references[row]
+                self._ref_vectors[row] = (self.cider.references(refs),
+                                          self.bleu.references(refs) if self.bleu else None)
+            cider_refs, bleu_refs = self._ref_vectors[row]
+            reward = self.cider.score(text, cider_refs)
+            if self.bleu is not None:
+                reward += self.cfg.scst_bleu_weight * self.bleu.score(text, bleu_refs)
+            out.append(reward)
         return out
 
     def forward(self, batch: Batch) -> Tensor:
@@ -113,8 +129,12 @@ class SelfCritical(nn.Module):
         expand = torch.arange(len(rows), device=batch.target.device).repeat_interleave(k)
         enc_k = select_batch(enc, expand)                                   # [B * K, ...] features
         with torch.no_grad():
-            hyps = model.generate(enc_k, gen=self.sample_gen)
-            tokens = [h[0].tokens for h in hyps]
+            if self.cfg.scst_candidates == "beam":
+                # row i * k + j: image i's j-th best (a beam search returns fewer only when fewer captions exist)
+                tokens = [h[min(j, len(h) - 1)].tokens for h in model.generate(enc, gen=self.beam_gen)
+                          for j in range(k)]
+            else:
+                tokens = [h[0].tokens for h in model.generate(enc_k, gen=self.sample_gen)]
             texts = [model.tgt.decode(t).strip() for t in tokens]
             sample_rows = [r for r in rows for _ in range(k)]
             rewards = torch.tensor(self._rewards(texts, sample_rows), dtype=torch.float32).view(-1, k)
