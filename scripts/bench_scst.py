@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Cross-entropy then self-critical captioning on Flickr8k: wall time of each stage and the test-split scores.
+"""Cross-entropy then self-critical captioning on Flickr8k: wall time of each stage and the test-split scores,
+of each model and of their ensemble.
 
-    python scripts/bench_scst.py --data-dir ../shared/data --out runs/scst-bench
+    python scripts/bench_scst.py --data-dir ../shared/data --out runs/scst-bench              # 3 members
+    python scripts/bench_scst.py --data-dir ../shared/data --out runs/scst-one --members 1
 
-Stage 1 trains the shipped captioner's recipe (`flickr8k-captioner` in seqgen/zoo/registry.py: frozen
-EfficientNet-Lite0 features, cross-entropy) into OUT/xe; stage 2 fine-tunes its best.pt with SCST (the flags in
-SCST_RECIPE, on the feature cache stage 1 made) into OUT/scst. Each best.pt is then scored on the Flickr8k test
-split with `seqgen evaluate`'s code (beam 5, at most 30 tokens, no repeated trigram: the caption defaults).
-The minutes include feature extraction and validation; the evaluation is not counted. Run it alone on the
-machine. A stage whose best.pt exists is not trained again (its minutes are then shown as n/a).
+Each member i (seed i) trains the shipped captioner's recipe (`flickr8k-captioner` in seqgen/zoo/registry.py:
+frozen EfficientNet-Lite0 features, cross-entropy) into OUT/mI/xe, then fine-tunes its best.pt with SCST (the
+flags in SCST_RECIPE) into OUT/mI/scst. All members share one feature cache, OUT/features, which the first
+computes. Each best.pt, and the SCST models decoded as one ensemble (`seqgen.load_model("a.pt,b.pt")`), is then
+scored on the Flickr8k test split with `seqgen evaluate`'s code (beam 5, at most 30 tokens, no repeated trigram:
+the caption defaults). The minutes include feature extraction and validation; the evaluation is not counted.
+Run it alone on the machine. A stage whose best.pt exists is not trained again (its minutes are then n/a).
 """
 from __future__ import annotations
 
@@ -25,12 +28,14 @@ from seqgen.model import load_model
 from seqgen.tasks.caption_eval import evaluate_captions
 from seqgen.zoo import get
 
-# SCST after cross-entropy: a small learning rate on a cosine (the decoder is already trained), no label smoothing
+# SCST after cross-entropy: a small constant learning rate (the decoder is already trained), no label smoothing
 # (the loss is a policy gradient), the 5 best captions of a beam search scored against their mean (sampled
 # captions spent the first ~400 steps sharpening the distribution), a reward of CIDEr-D plus the smoothed BLEU-4
-# (CIDEr-D alone raised test CIDEr-D but not BLEU-4), and a short EMA of the weights. docs/performance.md has the runs.
+# (CIDEr-D alone raised test CIDEr-D but not BLEU-4), a short EMA of the weights, and a short run: validation
+# peaks within 300-800 steps (1.6-4 epochs), after which SCST fits the training references. docs/performance.md
+# has the runs.
 SCST_RECIPE = ["--scst", "--scst-samples", "5", "--scst-candidates", "beam", "--scst-bleu-weight", "1.0",
-               "--scst-baseline", "mean", "--scst-max-len", "20", "--lr", "1e-4", "--schedule", "cosine",
+               "--scst-baseline", "mean", "--scst-max-len", "20", "--lr", "1e-4", "--schedule", "constant",
                "--warmup-steps", "0", "--label-smoothing", "0", "--ema", "0.99", "--batch-size", "32",
                "--max-epochs", "1000", "--patience", "0", "--progress", "false"]
 
@@ -38,20 +43,26 @@ SCST_RECIPE = ["--scst", "--scst-samples", "5", "--scst-candidates", "beam", "--
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=os.environ.get("SEQGEN_DATA", os.path.join("..", "shared", "data")))
-    p.add_argument("--out", default="runs/scst-bench", help="folder for the two runs (default: runs/scst-bench)")
-    p.add_argument("--scst-steps", type=int, default=3200,
-                   help="SCST steps, the length of its cosine schedule (default: 3200, ~45 minutes on 2 bf16 cores)")
-    p.add_argument("--scst-minutes", type=float, default=45.0,
-                   help="at most this many SCST training minutes, validation excluded (--time-budget; default: 45)")
-    p.add_argument("--eval-every", type=int, default=200, help="SCST validation every N steps (default: 200)")
-    p.add_argument("--seed", type=int, default=1, help="the SCST run's seed (stage 1 is the recipe's, seed 1)")
+    p.add_argument("--out", default="runs/scst-bench", help="folder for the runs (default: runs/scst-bench)")
+    p.add_argument("--members", type=int, default=3,
+                   help="cross-entropy + SCST pipelines, seeds 1..N, decoded alone and as one ensemble (default: 3)")
+    p.add_argument("--scst-steps", type=int, default=600, help="SCST steps per member (default: 600)")
+    p.add_argument("--scst-minutes", type=float, default=15.0,
+                   help="at most this many SCST training minutes per member, validation excluded (--time-budget; "
+                        "default: 15)")
+    p.add_argument("--eval-every", type=int, default=100, help="SCST validation every N steps (default: 100)")
     args = p.parse_args()
     flickr = os.path.join(args.data_dir, "flickr8k")
     if not os.path.isdir(flickr):
         print(f"bench_scst: error: {flickr}: no such folder (--data-dir)", file=sys.stderr)
         return 2
-    xe, scst = os.path.join(args.out, "xe"), os.path.join(args.out, "scst")
+    if args.members < 1:
+        print(f"bench_scst: error: --members must be >= 1, got {args.members}", file=sys.stderr)
+        return 2
     recipe = [a.replace("{data}", args.data_dir) for a in get("flickr8k-captioner").entry.recipe]
+    seed_at = recipe.index("--seed") + 1
+    data = recipe[2:seed_at - 1]                          # --images ... --valid-split ...
+    features = os.path.join(args.out, "features")
     minutes: dict[str, float | None] = {}
 
     def stage(name: str, argv: list[str], out: str) -> None:
@@ -64,20 +75,28 @@ def main() -> int:
             raise SystemExit(f"bench_scst: the {name} stage failed")
         minutes[name] = (time.perf_counter() - t0) / 60
 
-    stage("xe", [*recipe, "--out", xe], xe)
-    data = recipe[2:recipe.index("--seed")]           # --images ... --valid-split ...
-    stage("scst", ["train", "captioning", *data, "--init-from", os.path.join(xe, "best.pt"), "--feature-cache",
-                   os.path.join(xe, "features"), *SCST_RECIPE, "--max-steps", str(args.scst_steps),
-                   "--time-budget", str(args.scst_minutes), "--seed", str(args.seed),
-                   "--eval-every", str(args.eval_every), "--checkpoint-every", str(args.eval_every), "--out", scst],
-          scst)
+    models: list[tuple[str, str]] = []                    # (row name, best.pt), in table order
+    for i in range(1, args.members + 1):
+        xe, scst = (os.path.join(args.out, f"m{i}", s) for s in ("xe", "scst"))
+        stage(f"member {i} cross-entropy", [*recipe[:seed_at], str(i), *recipe[seed_at + 1:],
+                                            "--feature-cache", features, "--out", xe], xe)
+        stage(f"member {i} + SCST", ["train", "captioning", *data, "--init-from", os.path.join(xe, "best.pt"),
+                                     "--feature-cache", features, *SCST_RECIPE, "--max-steps", str(args.scst_steps),
+                                     "--time-budget", str(args.scst_minutes), "--seed", str(i),
+                                     "--eval-every", str(args.eval_every), "--checkpoint-every",
+                                     str(args.eval_every), "--out", scst], scst)
+        models += [(f"member {i} cross-entropy", os.path.join(xe, "best.pt")),
+                   (f"member {i} + SCST", os.path.join(scst, "best.pt"))]
+    if args.members > 1:
+        models.append((f"ensemble of the {args.members} SCST models",
+                       ",".join(path for name, path in models if name.endswith("SCST"))))
     gen: GenerationConfig = default_caption_gen()
-    rows = [("stage", "minutes", "test BLEU-1 / 2 / 3 / 4", "ROUGE-L", "CIDEr-D")]
-    for name, run in (("cross-entropy", xe), ("+ SCST", scst)):
-        model = load_model(os.path.join(run, "best.pt"), task="captioning")
+    rows = [("model", "minutes", "test BLEU-1 / 2 / 3 / 4", "ROUGE-L", "CIDEr-D")]
+    for name, path in models:
+        model = load_model(path, task="captioning")
         _, _, s = evaluate_captions(model, os.path.join(flickr, "images"), os.path.join(flickr, "captions.tsv"),
                                     os.path.join(flickr, "test.txt"), gen)
-        took = minutes["xe" if run == xe else "scst"]
+        took = minutes.get(name)
         rows.append((name, "n/a" if took is None else f"{took:.1f}",
                      " / ".join(f"{s[f'bleu{n}']:.2f}" for n in range(1, 5)), f"{s['rouge_l']:.4f}",
                      f"{s['cider']:.4f}"))
