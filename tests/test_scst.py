@@ -154,3 +154,12 @@ def test_the_bleu_weight_adds_the_captions_smoothed_bleu4(xe):
     bleu = SentenceBleu()
     assert mixed == pytest.approx([c + 0.5 * bleu.score(h, bleu.references(r)) for c, h, r in zip(plain, hyps, refs)])
     assert all(m > c for m, c in zip(mixed, plain))
+
+
+def test_a_beam_wider_than_search_allows_is_refused_before_training(xe, tmp_path):
+    from seqgen.generation import MAX_BEAM
+    with pytest.raises(SeqgenError, match=f"--scst-samples is the beam width with --scst-candidates beam: at most "
+                                          f"{MAX_BEAM}"):
+        train_captioning(scst_run(xe, scst_candidates="beam", scst_samples=MAX_BEAM + 1), str(tmp_path / "w"),
+                         log=quiet)
+    assert not (tmp_path / "w").exists()

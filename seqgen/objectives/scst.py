@@ -29,7 +29,7 @@ from seqgen.data.batch import Batch
 from seqgen.decoders.state import select_batch
 from seqgen.errors import SeqgenError
 from seqgen.metrics import CiderD, SentenceBleu
-from seqgen.generation import GenerationConfig
+from seqgen.generation import MAX_BEAM, GenerationConfig
 from seqgen.model import Seq2Seq
 from seqgen.data.batching import pad_sequences
 
@@ -66,6 +66,9 @@ class SCSTConfig:
         if self.scst_baseline == "mean" and self.scst_samples < 2:
             raise ConfigValueError(("scst_samples",), f"must be >= 2 with the mean baseline (>= 1 with greedy), "
                                                       f"got {self.scst_samples}")
+        if self.scst_candidates == "beam" and self.scst_samples > MAX_BEAM:
+            raise ConfigValueError(("scst_samples",), f"is the beam width with --scst-candidates beam: at most "
+                                                      f"{MAX_BEAM}, got {self.scst_samples}")
 
 
 # Collapse: SCST can drive a captioner to degenerate captions (empty, or a few words that game the reward's
