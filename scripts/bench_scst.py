@@ -6,11 +6,12 @@ of each model and of their ensemble.
     python scripts/bench_scst.py --data-dir ../shared/data --out runs/scst-one --members 1
 
 Each member i (seed i) trains the shipped captioner's recipe (`flickr8k-captioner` in seqgen/zoo/registry.py:
-frozen EfficientNet-Lite0 features, cross-entropy), stopped after --xe-epochs epochs, into OUT/mI/xe, then fine-tunes its best.pt with SCST (the
-flags in SCST_RECIPE) into OUT/mI/scst. All members share one feature cache, OUT/features, which the first
-computes. Each best.pt, and the SCST models decoded as one ensemble (`seqgen.load_model("a.pt,b.pt")`), is then
-scored on the Flickr8k test split with `seqgen evaluate`'s code (beam 5, at most 30 tokens, no repeated trigram:
-the caption defaults). The minutes include feature extraction and validation; the evaluation is not counted.
+frozen EfficientNet-Lite0 features, cross-entropy), stopped after --xe-epochs epochs, into OUT/mI/xe, then
+fine-tunes its best.pt with SCST (the flags in SCST_RECIPE) into OUT/mI/scst. All members share one feature
+cache, OUT/features, which the first computes. Each best.pt, and the SCST models decoded as one ensemble
+(`seqgen.load_model("a.pt,b.pt")`), is then scored on the Flickr8k test split with `seqgen evaluate`'s code
+(beam 5, at most 30 tokens, no repeated trigram: the caption defaults). The minutes include feature extraction
+and validation; the evaluation is not counted.
 Run it alone on the machine. A stage whose best.pt exists is not trained again (its minutes are then n/a).
 """
 from __future__ import annotations

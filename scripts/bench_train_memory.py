@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or tempfile.mkdtemp(prefix="seqgen-bench-mem-")
     if args.out and os.path.exists(os.path.join(out, "last.pt")):
         sys.exit(f"--out {out} holds a run already; give a new folder")
-    cmd = [sys.executable, "-m", "seqgen.cli", *recipe(args.data_dir, out, args.minutes, args.eval_every, args.seed), *args.extra]
+    cmd = [sys.executable, "-m", "seqgen.cli", *recipe(args.data_dir, out, args.minutes, args.eval_every, args.seed),
+           *args.extra]
     print("seqgen " + " ".join(cmd[3:]), flush=True)
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

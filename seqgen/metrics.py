@@ -151,10 +151,15 @@ class SentenceBleu:
     corpus BLEU does not exist): n-gram precisions clipped by the largest count in any reference, add-one
     smoothing of the orders >= 2 (Lin & Och 2004's BLEU+1; sacrebleu's smooth_method="add-k"), the brevity
     penalty from the closest reference length (the shorter on a tie). Tokens: `caption_tokens`.
+
+    The n-grams are counted here so that each image's references are counted once (`references`), not on
+    every call as sacrebleu's sentence_score does; the formula is sacrebleu's (`BLEU.compute_bleu`, as in
+    `caption_bleu`).
     """
 
     def __init__(self, n: int = 4):
-        self.n = n
+        from sacrebleu.metrics import BLEU
+        self.n, self._compute = n, BLEU.compute_bleu
 
     def references(self, refs: Sequence[str]) -> tuple[Counter, list[int]]:
         """One image's references, counted once: (each n-gram's largest count in a reference, their lengths)."""
@@ -168,21 +173,15 @@ class SentenceBleu:
 
     def score(self, hyp: str, ref: tuple[Counter, list[int]]) -> float:
         tokens = caption_tokens(hyp)
-        if not tokens:
-            return 0.0
         most, lengths = ref
         correct, total = [0] * self.n, [0] * self.n
         for gram, count in _ngrams(tokens, self.n).items():
             total[len(gram) - 1] += count
             correct[len(gram) - 1] += min(count, most.get(gram, 0))
-        if correct[0] == 0:
-            return 0.0
-        log_p = math.log(correct[0] / total[0]) + sum(math.log((correct[k] + 1) / (total[k] + 1))
-                                                      for k in range(1, self.n))
         c = len(tokens)
         r = min(lengths, key=lambda length: (abs(length - c), length))
-        brevity = 0.0 if c >= r else 1.0 - r / c
-        return math.exp(brevity + log_p / self.n)
+        return self._compute(correct, total, c, r, smooth_method="add-k", smooth_value=1,
+                             max_ngram_order=self.n).score / 100
 
 
 class CiderD:
