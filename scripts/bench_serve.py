@@ -47,6 +47,16 @@ def multipart(data: bytes, fields: dict[str, str]) -> tuple[bytes, str]:
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
+def server_health(port: int) -> dict:
+    """The server's /health answer (its batcher's counters: searches, items, busy_s)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request("GET", "/health")
+        return json.loads(c.getresponse().read())
+    finally:
+        c.close()
+
+
 def load(port: int, clients: int, requests: list[tuple[str, bytes, str]], seconds_cap: float) -> dict:
     """Send `requests` (path, body, content type) from `clients` threads, closed loop; latencies in ms."""
     latencies, errors, lock = [], [], threading.Lock()
@@ -87,7 +97,7 @@ def load(port: int, clients: int, requests: list[tuple[str, bytes, str]], second
     def pct(p):
         return lat[min(len(lat) - 1, int(p / 100 * len(lat)))] if lat else float("nan")
 
-    return {"done": len(lat), "errors": len(errors), "rps": len(lat) / wall, "p50": pct(50), "p95": pct(95),
+    return {"done": len(lat), "errors": len(errors), "rps": len(lat) / wall, "wall": wall, "p50": pct(50), "p95": pct(95),
             "p99": pct(99), "first_error": errors[0] if errors else ""}
 
 
@@ -137,15 +147,20 @@ def main() -> int:
         results = {}
         for clients in [int(c) for c in args.clients.split(",")]:
             for what, reqs in (("translate", tr[:args.requests]), ("caption", cap)):
+                before = server_health(port)
                 r = load(port, clients, reqs, args.seconds)
+                after = server_health(port)
                 results[(what, clients)] = r
+                searches = after["searches"] - before["searches"]
                 rows.append((f"{what}, {clients} clients ({r['done']} requests)",
                              f"{r['rps']:.1f} req/s, p50 {r['p50']:.0f} / p95 {r['p95']:.0f} / p99 {r['p99']:.0f} ms, "
                              f"errors {r['errors']}" + (f" ({r['first_error'][:80]})" if r["errors"] else "")))
+                rows.append(("  its searches",
+                             f"{searches:,}, mean batch {(after['items'] - before['items']) / max(1, searches):.1f}; "
+                             f"the decoding thread searched {100 * (after['busy_s'] - before['busy_s']) / r['wall']:.0f}% "
+                             f"of the run's {r['wall']:.1f} s"))
         rows.append(("server RSS at the end", f"{rss_mb(server.pid):.0f} MB"))
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        c.request("GET", "/health")
-        health = json.loads(c.getresponse().read())
+        health = server_health(port)
         rows.append(("batched searches / requests decoded",
                      f"{health['searches']:,} / {health['items']:,} (mean batch {health['items'] / max(1, health['searches']):.1f})"))
     finally:

@@ -73,7 +73,11 @@ def assert_error(response, status, *words):
 
 def test_health_models_page_and_openapi(served):
     with client(served) as c:
-        assert c.get("/health").json()["models"] == ["mt", "cap", "lm"]
+        idle = c.get("/health").json()
+        assert idle["models"] == ["mt", "cap", "lm"] and idle["busy_s"] == 0.0 and idle["searches"] == 0
+        assert c.post("/v1/translate", json={"text": "ein mann", "beam": 2}).status_code == 200
+        after = c.get("/health").json()   # the search's time is counted once it has answered
+        assert after["searches"] == 1 and after["items"] == 1 and after["busy_s"] > 0.0
         models = c.get("/v1/models").json()["models"]
         assert [(m["name"], m["task"]) for m in models] == [("mt", "translation"), ("cap", "captioning"),
                                                             ("lm", "lm")]

@@ -7,7 +7,8 @@ can be tested in-process (`fastapi.testclient`). Every error is a 4xx/5xx with a
 worker thread (seqgen/serve/batcher.py) through the task functions (seqgen/serve/models.py).
 
     GET  /                 the web page (translate, caption with attention, generate)
-    GET  /health           {"status": "ok", "models": [...], "waiting": N, "searches": N}
+    GET  /health           {"status": "ok", "models": [...], "waiting": N, "searches": N, "items": N,
+                            "busy_s": seconds the decoding thread has spent in searches}
     GET  /v1/models        the models served, with their task
     POST /v1/translate     {"text": "..." | ["...", ...], "beam": 5, "n_best": 1, "attention": false, ...}
     POST /v1/caption       multipart (field "image" + option fields) or {"image_base64": "...", ...}
@@ -206,7 +207,7 @@ def create_app(served: dict[str, ServedModel], cfg: ServeConfig | None = None) -
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "models": list(served), "waiting": batcher.waiting, "searches": batcher.searches,
-                "items": batcher.items}
+                "items": batcher.items, "busy_s": round(batcher.busy, 3)}
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict:

@@ -43,6 +43,7 @@ class Batcher:
         self._closed = False
         self.searches = 0            # batches run so far (tests and /health read it)
         self.items = 0               # requests answered so far
+        self.busy = 0.0              # seconds spent inside run() so far: the worker's share of a load test's time
         self._thread = threading.Thread(target=self._work, name="seqgen-batcher", daemon=True)
         self._thread.start()
 
@@ -109,15 +110,19 @@ class Batcher:
                 return
             if not batch:
                 continue
+            started, error = time.perf_counter(), None
             try:
                 results = self.run(batch[0].key, [p.item for p in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
             except BaseException as e:  # noqa: BLE001 — every waiting request must hear about it
-                for p in batch:
-                    p.future.set_exception(e)
-            else:
-                for p, r in zip(batch, results):
-                    p.future.set_result(r)
+                error = e
+            # counted before anyone is answered, so a client that reads /health after its answer sees its search
+            self.busy += time.perf_counter() - started
             self.searches += 1
             self.items += len(batch)
+            for i, p in enumerate(batch):
+                if error is not None:
+                    p.future.set_exception(error)
+                else:
+                    p.future.set_result(results[i])
