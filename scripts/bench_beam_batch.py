@@ -19,7 +19,7 @@ import sys
 import time
 
 from seqgen.allocator import tune_cpu_allocator
-from seqgen.bench import print_rows
+from seqgen.bench import best_seconds, print_rows
 from seqgen.decoders.rnn import RNNDecoder
 from seqgen.generation import GenerationConfig
 from seqgen.inference.translation import translate
@@ -61,28 +61,22 @@ def main() -> int:
                       "the decoder's steps | sentences/s in arrival order")]
     for size in args.batch_sizes:
         batches = -(-len(sentences) // size)
-        best = min(_timed(lambda: translate(model, sentences, gen, batch_size=size)) for _ in range(args.repeats))
+        best = best_seconds(lambda: translate(model, sentences, gen, batch_size=size), args.repeats, model.device)
         spent.update(seconds=0.0, calls=0)
         RNNDecoder.step = timed_step
         try:
-            total = _timed(lambda: translate(model, sentences, gen, batch_size=size))
+            total = best_seconds(lambda: translate(model, sentences, gen, batch_size=size), 1, model.device)
         finally:
             RNNDecoder.step = plain_step
         # as a server meets them: consecutive sentences, each batch as long as its longest sentence
-        arrival = min(_timed(lambda: [translate(model, sentences[i:i + size], gen, batch_size=size)
-                                      for i in range(0, len(sentences), size)]) for _ in range(args.repeats))
+        arrival = best_seconds(lambda: [translate(model, sentences[i:i + size], gen, batch_size=size)
+                                        for i in range(0, len(sentences), size)], args.repeats, model.device)
         rows.append((str(size), f"{len(sentences) / best:,.1f} | {best * 1000 / batches:,.1f} | "
                                 f"{spent['calls'] / batches:.1f} | {spent['seconds'] * 1000 / spent['calls']:.2f} | "
                                 f"{(total - spent['seconds']) * 1000 / batches:,.1f} | "
                                 f"{len(sentences) / arrival:,.1f}"))
     print_rows(rows)
     return 0
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

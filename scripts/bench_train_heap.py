@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import ctypes.util
 import json
 import os
 import statistics
@@ -54,7 +55,7 @@ def heap_sampler(libc: ctypes.CDLL, trim_every: float, rows: list, done: threadi
 
 def run_recipe(data_dir: str, minutes: float, out: str, trim_every: float, seed: int) -> None:
     from seqgen.cli import main as seqgen_main
-    libc = ctypes.CDLL("libc.so.6")
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")   # as seqgen/allocator.py loads it
     libc.mallinfo2.restype = MallInfo2
     argv = [a.replace("{data}", data_dir) for a in ENTRIES["multi30k-de-en"].recipe]
     argv[argv.index("--eval-every") + 1] = "300"
