@@ -15,6 +15,7 @@ script, the scripts/ wrappers, the tests) stays cheap; everything else is import
 """
 from __future__ import annotations
 
+import dataclasses
 import argparse
 import functools
 import json
@@ -595,11 +596,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from seqgen.distributed import resolve_device
     from seqgen.serve.config import ServeConfig
     from seqgen.serve.models import load_served
+    from seqgen.threads import use_threads_here
     cfg = from_dict(ServeConfig, flags_to_dict(args).get("serve", {}), where=None)
     _check_can_listen(cfg.host, cfg.port)      # before loading models: a taken port is one line, not a traceback
     torch.manual_seed(args.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    # The decoding thread gets the cores; this thread (loading, then the event loop) and the request thread pool
+    # one each, from before the first parallel op on: one OpenMP team in the process (seqgen/threads.py).
+    cfg = dataclasses.replace(cfg, threads=cfg.threads or torch.get_num_threads())
+    use_threads_here(1)
     served = load_served(args.models, device=resolve_device(args.device))
     app = create_app(served, cfg)
     where = f"http://{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"http://[{cfg.host}]:{cfg.port}"

@@ -102,7 +102,7 @@ def test_no_import_cycle():
 
 # docs/design.md, "Import layers": a module may import from its own line or the lines above it.
 LAYERS = [
-    "errors atomic log outputs tensors allocator precision distributed vocab tokenizers checkpoint ema metrics",
+    "errors atomic log outputs tensors allocator threads precision distributed vocab tokenizers checkpoint ema metrics",
     "encoders data decoders config flops plots zoo",
     "generation",
     "inference",

@@ -167,6 +167,22 @@ def test_batcher_serves_oldest_first_refuses_when_full_and_skips_cancelled():
     assert order == [("a", [1]), ("b", [2, 4])]
 
 
+def test_batcher_runs_on_start_in_its_thread_first_and_raises_its_error():
+    where = []
+    b = Batcher(lambda key, items: [threading.current_thread().name] * len(items),
+                on_start=lambda: where.append(threading.current_thread().name))
+    try:
+        assert where == ["seqgen-batcher"]                 # run before the constructor returned
+        assert b.submit_future("k", 1).result(5) == "seqgen-batcher"
+    finally:
+        b.close()
+
+    def fail():
+        raise RuntimeError("no threads for you")
+    with pytest.raises(RuntimeError, match="no threads for you"):
+        Batcher(lambda key, items: items, on_start=fail)
+
+
 def test_model_arguments():
     assert parse_model_arg("de=runs/x/best.pt") == ("de", "runs/x/best.pt")
     assert parse_model_arg("multi30k-de-en") == ("multi30k-de-en", "multi30k-de-en")

@@ -40,6 +40,7 @@ from seqgen.inference import default_decoding
 from seqgen.serve.batcher import Batcher, QueueFull
 from seqgen.serve.config import ServeConfig
 from seqgen.serve.models import ServedModel, gen_key, run_batch
+from seqgen.threads import serial_except
 
 _GEN_FIELDS = ("beam", "temperature", "top_k", "top_p", "max_len", "min_len", "length_penalty", "n_best",
                "no_repeat_ngram")
@@ -104,8 +105,12 @@ class CaptionRequest(Options):
 def create_app(served: dict[str, ServedModel], cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
     cfg.validate()
-    batcher = Batcher(partial(run_batch, served), max_batch=cfg.max_batch, max_wait=cfg.max_wait_ms / 1000,
-                      quiet=cfg.quiet_ms / 1000, max_queue=cfg.max_queue)
+    def start_batcher(on_start=None) -> Batcher:
+        return Batcher(partial(run_batch, served), max_batch=cfg.max_batch, max_wait=cfg.max_wait_ms / 1000,
+                       quiet=cfg.quiet_ms / 1000, max_queue=cfg.max_queue, on_start=on_start)
+
+    # With threads set, the decoding thread gets them and every other thread of the process one (seqgen.threads).
+    batcher = serial_except(start_batcher, cfg.threads) if cfg.threads else start_batcher()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

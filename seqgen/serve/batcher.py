@@ -35,7 +35,10 @@ class Batcher:
     """run(key, items) -> one result per item (same order); an exception fails every item of that batch."""
 
     def __init__(self, run: Callable[[Hashable, Sequence[Any]], Sequence[Any]], *, max_batch: int = 32,
-                 max_wait: float = 0.05, quiet: float = 0.003, max_queue: int = 256):
+                 max_wait: float = 0.05, quiet: float = 0.003, max_queue: int = 256,
+                 on_start: Callable[[], None] | None = None):
+        """on_start: called first in the worker thread (seqgen.threads gives it the cores); the constructor
+        returns after it has run, and raises what it raised."""
         self.run, self.max_batch, self.max_wait, self.max_queue = run, max_batch, max_wait, max_queue
         self.quiet = min(quiet, max_wait)
         self._queue: collections.deque[_Pending] = collections.deque()
@@ -44,8 +47,12 @@ class Batcher:
         self.searches = 0            # batches run so far (tests and /health read it)
         self.items = 0               # requests answered so far
         self.busy = 0.0              # seconds spent inside run() so far: the worker's share of a load test's time
+        self._on_start, self._started, self._start_error = on_start, threading.Event(), None
         self._thread = threading.Thread(target=self._work, name="seqgen-batcher", daemon=True)
         self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
 
     @property
     def waiting(self) -> int:
@@ -104,6 +111,14 @@ class Batcher:
         return [p for p in batch if p.future.set_running_or_notify_cancel()]
 
     def _work(self) -> None:
+        try:
+            if self._on_start is not None:
+                self._on_start()
+        except BaseException as e:  # noqa: BLE001 — handed to the constructor, which raises it
+            self._start_error = e
+            return
+        finally:
+            self._started.set()
         while True:
             batch = self._take()
             if batch is None:

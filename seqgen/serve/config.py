@@ -25,8 +25,8 @@ class ServeConfig:
     max_len:          the largest max_len a request may ask for
     max_samples:      the largest beam, n_best or num_samples a request may ask for
     amp:              decoding precision, as the CLI's --amp (off = float32, results independent of the batch)
-    threads:          torch threads of the decoding worker; 0 = torch's choice (one per core). Fewer leaves cores
-                      to the HTTP side (parsing, JSON, the clients on the same machine)
+    threads:          torch threads of the decoding thread (the server's other threads get one each: see
+                      seqgen/threads.py); 0 = torch's count (one per core)
     """
 
     host: Name = "127.0.0.1"
