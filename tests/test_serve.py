@@ -2,6 +2,7 @@
 import base64
 import io
 import threading
+import time
 
 import pytest
 import torch
@@ -165,6 +166,35 @@ def test_batcher_serves_oldest_first_refuses_when_full_and_skips_cancelled():
     finally:
         b.close()
     assert order == [("a", [1]), ("b", [2, 4])]
+
+
+def test_batcher_waits_for_the_clients_it_just_answered_but_not_on_an_idle_server():
+    batches, gate = [], threading.Event()
+
+    def run(key, items):
+        if not batches:
+            gate.wait(5)
+        batches.append(list(items))
+        return items
+
+    b = Batcher(run, max_batch=4, max_wait=2.0, quiet=0.3)
+    try:
+        first = b.submit_future("k", 1)       # starts at once (lone), blocks in run()
+        while b.waiting:
+            pass
+        second = b.submit_future("k", 2)      # waits through the first search, longer than `quiet`
+        time.sleep(0.5)
+        gate.set()
+        assert first.result(5) == 1
+        third = b.submit_future("k", 3)       # the answered client is back: joins the waiting request
+        assert second.result(5) == 2 and third.result(5) == 3
+        assert batches == [[1], [2, 3]]
+        time.sleep(0.5)                       # idle for longer than quiet: a lone request goes after quiet
+        started = time.monotonic()
+        assert b.submit_future("k", 4).result(5) == 4
+        assert time.monotonic() - started < 1.5   # not max_wait (2 s)
+    finally:
+        b.close()
 
 
 def test_batcher_runs_on_start_in_its_thread_first_and_raises_its_error():

@@ -3,8 +3,11 @@
 Requests arrive from the server's event loop (`submit`, awaitable) and wait in one queue. A single worker
 thread owns the models (PyTorch already uses every core inside one search, so a second decoding thread would
 only fight the first): it takes the oldest waiting request, waits for more requests with the same key (model,
-task, decoding options) while they keep arriving (a pause of `quiet` ends the wait, and so does `max_wait` after
-the oldest arrived), and hands up to `max_batch` of them to `run(key, items)` — one batched search. Requests are served oldest first across keys, so one never waits behind more than the
+task, decoding options) while they keep arriving (a pause of `quiet` ends the wait, and so does `max_wait`), and
+hands up to `max_batch` of them to `run(key, items)` — one batched search. Both waits count from the later of the
+last arrival (the oldest, for `max_wait`) and the moment the previous batch was answered: the clients just
+answered are the likeliest next arrivals, and a batch started without them splits a steady load into smaller
+batches that keep alternating (docs/performance.md, "One OpenMP team"). Requests are served oldest first across keys, so one never waits behind more than the
 requests that arrived before it, and each search is bounded (at most `max_batch` items, each within the
 server's size limits). A full queue refuses new requests at once (`QueueFull`: the server answers 503).
 """
@@ -46,6 +49,7 @@ class Batcher:
         self._closed = False
         self.searches = 0            # batches run so far (tests and /health read it)
         self.items = 0               # requests answered so far
+        self._answered = 0.0         # when the last batch was answered (monotonic)
         self.busy = 0.0              # seconds spent inside run() so far: the worker's share of a load test's time
         self._on_start, self._started, self._start_error = on_start, threading.Event(), None
         self._thread = threading.Thread(target=self._work, name="seqgen-batcher", daemon=True)
@@ -93,13 +97,14 @@ class Batcher:
             if self._closed:
                 return None
             key = self._queue[0].key
-            deadline = self._queue[0].arrived + self.max_wait
+            deadline = max(self._queue[0].arrived, self._answered) + self.max_wait
             while True:
                 same = [p for p in self._queue if p.key == key]
                 now = time.monotonic()
                 # go when the batch is full, the oldest has waited max_wait, or arrivals have paused for
-                # `quiet`: a lone request starts at once, a burst of concurrent ones is gathered whole
-                quiet_until = same[-1].arrived + self.quiet
+                # `quiet`: a lone request starts at once, a burst of concurrent ones is gathered whole, and
+                # requests that waited through the last search wait for its answered clients too (bounded)
+                quiet_until = max(same[-1].arrived, self._answered) + self.quiet
                 if len(same) >= self.max_batch or now >= deadline or now >= quiet_until or self._closed:
                     break
                 self._cond.wait(timeout=min(deadline, quiet_until) - now)
@@ -141,3 +146,4 @@ class Batcher:
                     p.future.set_exception(error)
                 else:
                     p.future.set_result(results[i])
+            self._answered = time.monotonic()

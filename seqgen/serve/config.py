@@ -15,8 +15,10 @@ class ServeConfig:
     port:             TCP port
     api_key:          if set, /v1/* requests need the header `Authorization: Bearer KEY` or `X-API-Key: KEY`
     max_batch:        requests decoded together in one search, at most
-    max_wait_ms:      the longest the oldest waiting request waits for others to batch with
-    quiet_ms:         a batch starts once no request joined it for this long (a lone request waits no longer)
+    max_wait_ms:      the longest a batch waits for more requests, from its oldest request's arrival or the
+                      previous batch's answer, whichever is later
+    quiet_ms:         a batch starts once no request joined it for this long, counted from the previous batch's
+                      answer at the earliest (a lone request on an idle server waits no longer)
     max_queue:        requests waiting at once; more are refused with 503 and Retry-After
     max_body_bytes:   request body size limit, an upload included (413 beyond)
     max_text_chars:   characters per text (a source sentence, a prompt)
