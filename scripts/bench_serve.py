@@ -107,7 +107,7 @@ def main() -> int:
     p.add_argument("--translator", default="multi30k-de-en")
     p.add_argument("--captioner", default="flickr8k-captioner")
     p.add_argument("--clients", default="1,8,32", help="comma-separated client counts (default: 1,8,32)")
-    p.add_argument("--requests", type=int, default=320, help="translation requests per client count")
+    p.add_argument("--requests", type=int, default=640, help="translation requests per client count (default: 640)")
     p.add_argument("--images", type=int, default=96, help="caption requests per client count")
     p.add_argument("--seconds", type=float, default=120.0, help="cap per load run (default: 120)")
     p.add_argument("--max-batch", type=int, default=32)
