@@ -15,8 +15,8 @@ script, the scripts/ wrappers, the tests) stays cheap; everything else is import
 """
 from __future__ import annotations
 
-import dataclasses
 import argparse
+import dataclasses
 import functools
 import json
 import os

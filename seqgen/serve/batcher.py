@@ -7,9 +7,10 @@ task, decoding options) while they keep arriving (a pause of `quiet` ends the wa
 hands up to `max_batch` of them to `run(key, items)` — one batched search. Both waits count from the later of the
 last arrival (the oldest, for `max_wait`) and the moment the previous batch was answered: the clients just
 answered are the likeliest next arrivals, and a batch started without them splits a steady load into smaller
-batches that keep alternating (docs/performance.md, "One OpenMP team"). Requests are served oldest first across keys, so one never waits behind more than the
-requests that arrived before it, and each search is bounded (at most `max_batch` items, each within the
-server's size limits). A full queue refuses new requests at once (`QueueFull`: the server answers 503).
+batches that keep alternating (docs/performance.md, "One OpenMP team"). Requests are served oldest first across
+keys, so one never waits behind more than the requests that arrived before it, and each search is bounded (at
+most `max_batch` items, each within the server's size limits). A full queue refuses new requests at once
+(`QueueFull`: the server answers 503).
 """
 from __future__ import annotations
 
