@@ -4,6 +4,7 @@ free-but-resident) and the rest — and how much activation memory a step keeps 
 
     python scripts/bench_train_heap.py --data-dir ../shared/data --minutes 6
     python scripts/bench_train_heap.py --data-dir ../shared/data --minutes 6 --trim-every 2
+    python scripts/bench_train_heap.py --data-dir ../shared/data --minutes 6 -- --max-len 30
     python scripts/bench_train_heap.py --saved-only
 
 Runs the shipped `multi30k-de-en` recipe (seqgen/zoo/registry.py) in this process for --minutes training minutes
@@ -53,7 +54,7 @@ def heap_sampler(libc: ctypes.CDLL, trim_every: float, rows: list, done: threadi
         done.wait(2.0)
 
 
-def run_recipe(data_dir: str, minutes: float, out: str, trim_every: float, seed: int) -> None:
+def run_recipe(data_dir: str, minutes: float, out: str, trim_every: float, seed: int, extra: list[str]) -> None:
     from seqgen.cli import main as seqgen_main
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")   # as seqgen/allocator.py loads it
     libc.mallinfo2.restype = MallInfo2
@@ -66,7 +67,7 @@ def run_recipe(data_dir: str, minutes: float, out: str, trim_every: float, seed:
     thread.start()
     try:
         if seqgen_main([*argv, "--time-budget", str(minutes), "--device", "cpu", "--log-every", "50",
-                        "--out", out]):
+                        "--out", out, *extra]):
             sys.exit("bench_train_heap: the training run failed")
     finally:
         done.set()
@@ -119,6 +120,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench-heap", help="the run folder (default: runs/bench-heap); must be new")
     p.add_argument("--seed", type=int, default=1, help="the run's --seed (default: 1)")
     p.add_argument("--saved-only", action="store_true", help="only count the saved activations (no training run)")
+    p.add_argument("extra", nargs="*", help="more `seqgen train` options for the run, after --: `-- --max-len 30`")
     args = p.parse_args()
     if not args.saved_only:
         if args.minutes <= 0 or args.trim_every < 0:
@@ -128,7 +130,7 @@ def main() -> int:
         if os.path.exists(args.out):
             p.error(f"--out {args.out} exists; give a new folder")
         tune_cpu_allocator()   # as the seqgen CLI does, before any thread starts
-        run_recipe(args.data_dir, args.minutes, args.out, args.trim_every, args.seed)
+        run_recipe(args.data_dir, args.minutes, args.out, args.trim_every, args.seed, args.extra)
     saved_activations()
     return 0
 
