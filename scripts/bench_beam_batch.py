@@ -8,8 +8,9 @@
 Translates the first --sentences sentences of Multi30k test_2016_flickr with the shipped `multi30k-de-en` model
 (sorted by length and cut into batches, as `seqgen translate` does) at each batch size, best of --repeats, then
 once more with `RNNDecoder.step` timed; and in arrival order (consecutive sentences per batch, unsorted across
-batches, as a server's requests come), best of --repeats. A server's batch is as large as the requests in flight, so this is
-the ceiling of `seqgen serve`'s throughput at that many clients (scripts/bench_serve.py measures the server).
+batches, as a server's requests come), best of --repeats. A server's batch is as large as the requests in
+flight, so this is the ceiling of `seqgen serve`'s throughput at that many clients (scripts/bench_serve.py
+measures the server).
 """
 from __future__ import annotations
 

@@ -97,7 +97,8 @@ def load(port: int, clients: int, requests: list[tuple[str, bytes, str]], second
     def pct(p):
         return lat[min(len(lat) - 1, int(p / 100 * len(lat)))] if lat else float("nan")
 
-    return {"done": len(lat), "errors": len(errors), "rps": len(lat) / wall, "wall": wall, "p50": pct(50), "p95": pct(95),
+    return {"done": len(lat), "errors": len(errors), "rps": len(lat) / wall, "wall": wall, "p50": pct(50),
+            "p95": pct(95),
             "p99": pct(99), "first_error": errors[0] if errors else ""}
 
 
@@ -155,10 +156,10 @@ def main() -> int:
                 rows.append((f"{what}, {clients} clients ({r['done']} requests)",
                              f"{r['rps']:.1f} req/s, p50 {r['p50']:.0f} / p95 {r['p95']:.0f} / p99 {r['p99']:.0f} ms, "
                              f"errors {r['errors']}" + (f" ({r['first_error'][:80]})" if r["errors"] else "")))
+                busy = 100 * (after["busy_s"] - before["busy_s"]) / r["wall"]
                 rows.append(("  its searches",
                              f"{searches:,}, mean batch {(after['items'] - before['items']) / max(1, searches):.1f}; "
-                             f"the decoding thread searched {100 * (after['busy_s'] - before['busy_s']) / r['wall']:.0f}% "
-                             f"of the run's {r['wall']:.1f} s"))
+                             f"the decoding thread searched {busy:.0f}% of the run's {r['wall']:.1f} s"))
         rows.append(("server RSS at the end", f"{rss_mb(server.pid):.0f} MB"))
         health = server_health(port)
         rows.append(("batched searches / requests decoded",
